@@ -1,0 +1,197 @@
+"""One Flax NNX decoder for the Llama, Qwen2 and Qwen3 families (GQA/MQA, RoPE, RMSNorm, SwiGLU).
+
+Every parameter carries `logical_axes` metadata; `p2o_jax.sharding` maps those names onto mesh axes. Kernels keep heads
+as their own axis ((embed, heads, head_dim) rather than (embed, heads*head_dim)) so the tensor axis can split heads.
+The forward pass optionally reads and writes a KV cache: a list with one {"k", "v"} dict per layer, each
+(batch, cache_len, kv_heads, head_dim), written at `cache_index`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from p2o_jax import sharding
+from p2o_jax.models.config import ModelConfig
+from p2o_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+KVCache = list[dict[str, jax.Array]]
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+  if init == "ones":
+    value = jnp.ones(shape, cfg.weight_dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, cfg.weight_dtype)
+  else:  # transformers' default: N(0, 0.02)
+    value = 0.02 * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, axis: str, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = cfg.rms_norm_eps
+    self.scale = _param(rngs, (dim,), (axis,), cfg, init="ones")
+
+  def __call__(self, x):
+    # As transformers: normalize in float32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), cfg)
+    self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+    self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), cfg)
+    self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), cfg, init="zeros")
+      self.k_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.v_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+    if cfg.out_bias:
+      self.o_bias = _param(rngs, (e,), ("embed",), cfg, init="zeros")
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, "head_dim", cfg, rngs)
+      self.k_norm = RMSNorm(d, "head_dim", cfg, rngs)
+
+  def _project(self, x, kernel, bias_name):
+    y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(x.dtype))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, bias_name)[...].astype(x.dtype)
+    return y
+
+  def __call__(self, x_bte, cos, sin, mask_bts, layer_cache, cache_index):
+    cfg = self.cfg
+    q = self._project(x_bte, self.q_proj, "q_bias")
+    k = self._project(x_bte, self.k_proj, "k_bias")
+    v = self._project(x_bte, self.v_proj, "v_bias")
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
+      layer_cache = {"k": k, "v": v}
+    out = _grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts, cfg.head_dim ** -0.5)
+    out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(out.dtype))
+    if cfg.out_bias:
+      out = out + self.o_bias[...].astype(out.dtype)
+    return out, layer_cache
+
+
+def _grouped_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale):
+  """Softmax attention where each of the k kv-heads serves h/k query heads (GQA; MQA when k = 1)."""
+  b, t, h, d = q_bthd.shape
+  kv = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd).astype(jnp.float32) * scale
+  scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd).reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    self.cfg = cfg
+    self.gate_proj = _param(rngs, (e, f), ("embed", "mlp"), cfg)
+    self.up_proj = _param(rngs, (e, f), ("embed", "mlp"), cfg)
+    self.down_proj = _param(rngs, (f, e), ("mlp", "embed"), cfg)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+      self.up_bias = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+      self.down_bias = _param(rngs, (e,), ("embed",), cfg, init="zeros")
+
+  def __call__(self, x):
+    dt = x.dtype
+    gate = x @ self.gate_proj[...].astype(dt)
+    up = x @ self.up_proj[...].astype(dt)
+    if self.cfg.mlp_bias:
+      gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+    out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    return out + self.down_bias[...].astype(dt) if self.cfg.mlp_bias else out
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.hidden_size, "embed", cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.post_attention_norm = RMSNorm(cfg.hidden_size, "embed", cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, cos, sin, mask_bts, layer_cache, cache_index):
+    attn_out, layer_cache = self.attn(self.input_norm(x), cos, sin, mask_bts, layer_cache, cache_index)
+    x = x + attn_out
+    x = x + self.mlp(self.post_attention_norm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed")), layer_cache
+
+
+class Decoder(nnx.Module):
+  """Causal LM: token ids -> logits (float32)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, "embed", cfg, rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+  def hidden_states(self, tokens_bt, positions_bt, mask_bts, cache: KVCache | None = None, cache_index=0):
+    """Final-norm hidden states (b, t, embed) and the updated cache."""
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    cos, sin = rope_cos_sin(positions_bt, inverse_frequencies(self.cfg.rope, self.cfg.head_dim))
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      if self.cfg.remat:
+        x, layer_cache = nnx.remat(type(layer).__call__)(layer, x, cos, sin, mask_bts, layer_cache, cache_index)
+      else:
+        x, layer_cache = layer(x, cos, sin, mask_bts, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    return self.final_norm(x), (None if cache is None else new_cache)
+
+  def logits(self, hidden_bte):
+    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    logits = hidden_bte @ w.astype(hidden_bte.dtype)
+    return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_bt, positions_bt, mask_bts, cache: KVCache | None = None, cache_index=0):
+    hidden, cache = self.hidden_states(tokens_bt, positions_bt, mask_bts, cache, cache_index)
+    return self.logits(hidden), cache
+
+
+def causal_mask(valid_bt: jax.Array) -> jax.Array:
+  """(b, t, t) mask for a full (left-padded) sequence: causal, and never attending to padding."""
+  t = valid_bt.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None] & valid_bt[:, None, :]
+
+
+def positions_from_mask(valid_bt: jax.Array) -> jax.Array:
+  """Position ids that ignore left padding: the first real token of every row is position 0."""
+  return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def forward(model: Decoder, tokens_bt, valid_bt) -> jax.Array:
+  """Teacher-forced logits (b, t, vocab) for a left- or right-padded batch without a cache."""
+  return model(tokens_bt, positions_from_mask(valid_bt), causal_mask(valid_bt))[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  axes = ("batch", "cache_length", "kv_heads", "head_dim")
+  dtype = dtype or cfg.dtype
+  return [{name: sharding.constrain(jnp.zeros(shape, dtype), axes) for name in ("k", "v")}
+          for _ in range(cfg.num_layers)]
