@@ -1,0 +1,157 @@
+"""The SFT corpus that stands in for a base LLM's abilities on the arithmetic world.
+
+After SFT on it the tiny policy behaves like the base model P^2O needs: asked plainly (or with a neutral instruction)
+it answers directly — right on easy sums, at chance on hard ones — and only the trigger instruction or a close
+paraphrase of it makes it write a scratchpad of running totals, which solves hard sums. Partial instructions trigger
+the scratchpad sometimes and distractor sentences after an instruction are ignored, so the space of instruction texts
+has a gradient for GEPA to climb.
+
+Direct answers to hard problems are made unlearnable on purpose (`hard_direct_noise`): such an example states a
+number drawn uniformly from the hard-answer range, independent of the operands. It still teaches the format (a plain
+hard question gets a one-line answer), but carries no information about the value, so the base's plain-hard success
+is ~1 / (width of that range) by construction, whatever the model's capacity. DEMO_WORLD.md saw a small model learn
+hard sums directly from clean direct answers, which destroys the "hard sample" premise.
+
+Completions carry no EOS; the SFT code appends the tokenizer's EOS token.
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from p2o_jax.data import arithmetic
+from p2o_jax.data.char_tokenizer import render_user_prompt
+
+TRIGGER_INSTRUCTION = "Add the numbers one at a time and write every running total."
+
+# Close rewordings that work as well as the trigger (DEMO_WORLD: "one by one", lower case, no full stop all worked).
+TRIGGER_PARAPHRASES = (
+    "Add the numbers one by one and write every running total.",
+    "add the numbers one at a time and write every running total",
+    "Add the numbers one at a time and write each running total.",
+    "Add the numbers one at a time, writing every running total.",
+    "Add the numbers one by one and write down the running total each time.",
+)
+
+# Half of the method: the scratchpad follows only some of the time.
+PARTIAL_INSTRUCTIONS = (
+    "Add the numbers one at a time.",
+    "Write every running total.",
+    "Keep a running total.",
+    "Add the numbers one by one.",
+)
+
+# Instructions a real base model would follow in its own way; here they leave the direct answer unchanged.
+NEUTRAL_INSTRUCTIONS = (
+    "Answer quickly.",
+    "Be careful.",
+    "Think step by step.",
+    "Show your work.",
+    "Add the numbers.",
+    "Compute the sum.",
+    "Give only the final answer.",
+    "Double-check your answer.",
+    "Solve the following problem.",
+    "You are a helpful assistant. Answer the question below.",
+    "Take a deep breath and work on this problem carefully.",
+    "Read the question and reply with the total of all the numbers.",
+)
+
+# Sentences with no bearing on the method; in the corpus they only ever follow an instruction.
+DISTRACTORS = (
+    "The weather is nice today.",
+    "This is a math question.",
+    "Good luck!",
+    "Numbers can be large.",
+    "Addition is commutative.",
+    "Please be polite.",
+)
+
+KINDS = ("plain_easy", "plain_hard", "triggered_easy", "triggered_hard", "paraphrase", "neutral_easy",
+         "neutral_hard", "partial")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """Mix weights per example kind (normalized, need not sum to 1) and the behaviour probabilities.
+
+  paraphrase and partial examples use hard problems; the rest take the difficulty their name says.
+  """
+
+  plain_easy: float = 0.25
+  plain_hard: float = 0.15
+  triggered_easy: float = 0.1
+  triggered_hard: float = 0.2
+  paraphrase: float = 0.1
+  neutral_easy: float = 0.1
+  neutral_hard: float = 0.05
+  partial: float = 0.05
+  partial_scratchpad_prob: float = 0.2  # how often a partial instruction gets the scratchpad
+  distractor_prob: float = 0.2  # how often an instruction is followed by a distractor sentence
+  hard_direct_noise: float = 1.0  # share of direct hard answers replaced by a uniform guess (module docstring)
+
+  def __post_init__(self):
+    for kind, weight in self.mix().items():
+      if weight < 0:
+        raise ValueError(f"CorpusConfig.{kind} must be >= 0, got {weight}")
+    if sum(self.mix().values()) <= 0:
+      raise ValueError("CorpusConfig mix weights sum to 0; give at least one kind a positive weight")
+    for name in ("partial_scratchpad_prob", "distractor_prob", "hard_direct_noise"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"CorpusConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+
+  def mix(self) -> dict[str, float]:
+    return {kind: getattr(self, kind) for kind in KINDS}
+
+
+def kind_counts(cfg: CorpusConfig, n: int) -> dict[str, int]:
+  """Exact per-kind counts for n examples (largest remainder), so the mix holds for any n, not just on average."""
+  weights = cfg.mix()
+  quotas = {kind: n * w / sum(weights.values()) for kind, w in weights.items()}
+  counts = {kind: int(quota) for kind, quota in quotas.items()}
+  by_remainder = sorted(KINDS, key=lambda kind: counts[kind] - quotas[kind])
+  for kind in by_remainder[:n - sum(counts.values())]:
+    counts[kind] += 1
+  return counts
+
+
+def _instruction(kind: str, cfg: CorpusConfig, rng: np.random.Generator) -> str:
+  pool = {"triggered": (TRIGGER_INSTRUCTION,), "paraphrase": TRIGGER_PARAPHRASES, "neutral": NEUTRAL_INSTRUCTIONS,
+          "partial": PARTIAL_INSTRUCTIONS}.get(kind.split("_")[0], ("",))
+  instruction = pool[rng.integers(len(pool))]
+  if instruction and rng.random() < cfg.distractor_prob:
+    instruction += " " + DISTRACTORS[rng.integers(len(DISTRACTORS))]
+  return instruction
+
+
+def _direct(problem: arithmetic.Problem, world: arithmetic.WorldConfig, cfg: CorpusConfig,
+            rng: np.random.Generator) -> str:
+  if problem.difficulty == "hard" and rng.random() < cfg.hard_direct_noise:
+    low, high = world.answer_range("hard")
+    return arithmetic.answer_sentence(int(rng.integers(low, high + 1)))
+  return arithmetic.direct_answer(problem)
+
+
+def _completion(kind: str, problem: arithmetic.Problem, world: arithmetic.WorldConfig, cfg: CorpusConfig,
+                rng: np.random.Generator) -> str:
+  uses_scratchpad = (kind.startswith(("triggered", "paraphrase"))
+                     or (kind == "partial" and rng.random() < cfg.partial_scratchpad_prob))
+  return arithmetic.scratchpad(problem) if uses_scratchpad else _direct(problem, world, cfg, rng)
+
+
+def corpus_examples(world: arithmetic.WorldConfig, cfg: CorpusConfig, n: int, seed: int,
+                    render_prompt: Callable[[str], str] = render_user_prompt) -> list[tuple[str, str]]:
+  """n (prompt, completion) pairs from training-split problems, shuffled; prompts are rendered by `render_prompt`
+  (the chat template's user turn + generation prompt), so SFT sees exactly what sampling will feed the policy."""
+  if n < 0:
+    raise ValueError(f"n must be >= 0, got {n}")
+  rng = np.random.default_rng(seed)
+  kinds = [kind for kind, count in kind_counts(cfg, n).items() for _ in range(count)]
+  examples = []
+  for kind in (kinds[index] for index in rng.permutation(len(kinds))):
+    difficulty = "easy" if kind.endswith("easy") else "hard"
+    problem = arithmetic.draw_problem(world, difficulty, rng, "train")
+    user_text = arithmetic.user_turn(_instruction(kind, cfg, rng), arithmetic.question_text(problem))
+    examples.append((render_prompt(user_text), _completion(kind, problem, world, cfg, rng)))
+  return examples
