@@ -1,0 +1,234 @@
+"""Batched autoregressive sampling: one jitted prefill, then one jitted `lax.while_loop` decode over a KV cache.
+
+Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a run compiles one prefill and
+one decode program per (prompt bucket, batch bucket, sampling mode), not one per call. Params are passed as arguments
+(NNX graphdef/state split), so the trainer can swap in new weights without recompiling; the decode state is donated.
+Each sampled token comes with its log-probability under the distribution it was drawn from: log_softmax(logits / T)
+restricted to the top-k / top-p set (for greedy decoding: log_softmax(logits)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from p2o_jax import sharding
+from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 256
+  temperature: float = 1.0  # 0 = greedy
+  top_p: float = 1.0  # 1 = off
+  top_k: int = 0  # 0 = off
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """Rows are prompt-major: the n samples of prompt i are rows i*n .. i*n+n-1."""
+
+  tokens: np.ndarray  # (rows, max_new_tokens) int32, pad_id after the stop
+  mask: np.ndarray  # (rows, max_new_tokens) bool, True on generated tokens (including the EOS that stopped a row)
+  lengths: np.ndarray  # (rows,) int32
+  logprobs: np.ndarray  # (rows, max_new_tokens) float32, 0 where masked
+  prompt_index: np.ndarray  # (rows,) int32: which prompt each row continues
+
+
+def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from `smallest` up to (and always including) `max_len`."""
+  buckets = [b for b in (smallest << i for i in range(32)) if b < max_len]
+  return tuple(buckets) + (max_len,)
+
+
+def _round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
+  return next(b for b in buckets if b >= n)
+
+
+def filter_logits(logits_bv, top_k: int, top_p, use_top_p: bool):
+  """Mask (to -inf) the tokens outside the top-k set and outside the smallest set with probability >= top_p."""
+  if top_k:
+    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+  if use_top_p:
+    sorted_desc = -jnp.sort(-logits_bv, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # keep until the mass before a token reaches top_p
+    threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
+  return logits_bv
+
+
+def sample_tokens(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+  """Draw one token per row; return (tokens, log-prob of each under the distribution it was drawn from)."""
+  if greedy:
+    tokens = jnp.argmax(logits_bv, axis=-1)
+    logp = jax.nn.log_softmax(logits_bv, axis=-1)
+  else:
+    filtered = filter_logits(logits_bv / temperature, top_k, top_p, use_top_p)
+    tokens = jax.random.categorical(key, filtered, axis=-1)
+    logp = jax.nn.log_softmax(filtered, axis=-1)
+  return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+  """Everything static about a compiled sampling program."""
+
+  max_new_tokens: int
+  greedy: bool
+  top_k: int
+  use_top_p: bool
+  eos_ids: tuple[int, ...]
+  pad_id: int
+
+
+def _is_eos(tokens_b, eos_ids):
+  return jnp.isin(tokens_b, jnp.asarray(eos_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
+def _prefill(graphdef, state, tokens_bp, valid_bp, live_b, key, temperature, top_p, *, mode: _Mode):
+  """Run the prompts through the model, fill the cache, sample the first token; return the decode state."""
+  model: Decoder = nnx.merge(graphdef, state)
+  b, p = tokens_bp.shape
+  length = p + mode.max_new_tokens
+  cache = init_cache(model.cfg, b, length)
+  key_valid = jnp.zeros((b, length), bool).at[:, :p].set(valid_bp)
+  causal = jnp.arange(length)[None, :] <= jnp.arange(p)[:, None]
+  mask = causal[None] & key_valid[:, None, :]
+  hidden, cache = model.hidden_states(tokens_bp, positions_from_mask(valid_bp), mask, cache, 0)
+  logits = model.logits(hidden[:, -1:])[:, 0]
+  token, logp = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=mode.greedy,
+                              top_k=mode.top_k, use_top_p=mode.use_top_p)
+  token = jnp.where(live_b, token, mode.pad_id)
+  out_tokens = jnp.full((b, mode.max_new_tokens), mode.pad_id, jnp.int32).at[:, 0].set(token)
+  out_logp = jnp.zeros((b, mode.max_new_tokens), jnp.float32).at[:, 0].set(jnp.where(live_b, logp, 0.0))
+  return dict(cache=cache, key_valid=key_valid, tokens=out_tokens, logprobs=out_logp, last=token,
+              position=jnp.sum(valid_bp, axis=1).astype(jnp.int32), done=~live_b | _is_eos(token, mode.eos_ids),
+              step=jnp.asarray(1, jnp.int32), key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry, temperature, top_p, *, mode: _Mode):
+  """One while_loop over new tokens; exits as soon as every row has stopped."""
+  model: Decoder = nnx.merge(graphdef, state)
+  prompt_len = carry["key_valid"].shape[1] - mode.max_new_tokens
+
+  def cond(c):
+    return (c["step"] < mode.max_new_tokens) & ~jnp.all(c["done"])
+
+  def body(c):
+    write_at = prompt_len + c["step"] - 1  # cache slot of the token sampled in the previous step
+    key_valid = jax.lax.dynamic_update_slice_in_dim(c["key_valid"], jnp.ones((c["last"].shape[0], 1), bool),
+                                                    write_at, 1)
+    hidden, cache = model.hidden_states(c["last"][:, None], c["position"][:, None], key_valid[:, None, :],
+                                        c["cache"], write_at)
+    logits = model.logits(hidden)[:, 0]
+    token, logp = sample_tokens(logits, jax.random.fold_in(c["key"], c["step"]), temperature, top_p,
+                                greedy=mode.greedy, top_k=mode.top_k, use_top_p=mode.use_top_p)
+    token = jnp.where(c["done"], mode.pad_id, token)
+    logp = jnp.where(c["done"], 0.0, logp)
+    return dict(cache=cache, key_valid=key_valid,
+                tokens=jax.lax.dynamic_update_slice_in_dim(c["tokens"], token[:, None], c["step"], 1),
+                logprobs=jax.lax.dynamic_update_slice_in_dim(c["logprobs"], logp[:, None], c["step"], 1),
+                last=token, position=c["position"] + 1, done=c["done"] | _is_eos(token, mode.eos_ids),
+                step=c["step"] + 1, key=c["key"])
+
+  # Returning the whole state lets XLA alias every donated buffer (the cache above all) to an output.
+  return jax.lax.while_loop(cond, body, carry)
+
+
+class Sampler:
+  """Samples continuations of token-id prompts from a Decoder, optionally sharded over a mesh."""
+
+  def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
+               prompt_buckets: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None):
+    if not eos_ids:
+      raise ValueError("the sampler needs at least one EOS token id")
+    self.graphdef, self.state = nnx.split(model)
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.pad_id = int(pad_id)
+    self.max_prompt_len = max_prompt_len
+    self.prompt_buckets = tuple(sorted(prompt_buckets or default_buckets(max_prompt_len)))
+    if self.prompt_buckets[-1] < max_prompt_len:
+      raise ValueError(f"the largest prompt bucket {self.prompt_buckets[-1]} is below max_prompt_len={max_prompt_len}")
+    self.mesh = mesh
+
+  def set_params(self, state: nnx.State) -> None:
+    """Sample from new weights (same architecture and shardings): no recompilation."""
+    self.state = state
+
+  def _batch_size(self, rows: int) -> int:
+    divisor = sharding.batch_divisor(self.mesh)
+    size = max(divisor, 1 << max(rows - 1, 0).bit_length())
+    return -(-size // divisor) * divisor
+
+  def _pad_prompts(self, prompts: Sequence[Sequence[int]], n: int):
+    for i, prompt in enumerate(prompts):
+      if not len(prompt):
+        raise ValueError(f"prompt {i} is empty")
+      if len(prompt) > self.max_prompt_len:
+        raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len}")
+    rows = [p for p in prompts for _ in range(n)]
+    length = _round_up_to_bucket(max(len(p) for p in rows), self.prompt_buckets)
+    batch = self._batch_size(len(rows))
+    tokens = np.full((batch, length), self.pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for r, prompt in enumerate(rows):
+      tokens[r, length - len(prompt):] = prompt
+      valid[r, length - len(prompt):] = True
+    live = np.arange(batch) < len(rows)
+    return tokens, valid, live
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, x.shape[0]))
+
+  def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
+               seed: int | jax.Array = 0) -> SampleOutput:
+    """Sample `n` continuations of every prompt in one batched device call."""
+    if not prompts:
+      raise ValueError("generate() needs at least one prompt")
+    tokens, valid, live = self._pad_prompts(prompts, n)
+    mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    temperature = jnp.float32(cfg.temperature if not cfg.greedy else 1.0)
+    top_p = jnp.float32(cfg.top_p)
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      carry = _prefill(self.graphdef, self.state, self._put(tokens), self._put(valid), self._put(live), key,
+                       temperature, top_p, mode=mode)
+      carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
+    rows = len(prompts) * n
+    return _finish(np.asarray(carry["tokens"])[:rows], np.asarray(carry["logprobs"])[:rows], self.eos_ids, n)
+
+
+def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...], n: int) -> SampleOutput:
+  is_eos = np.isin(tokens, eos_ids)
+  first_eos = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), tokens.shape[1] - 1)
+  lengths = (first_eos + 1).astype(np.int32)
+  mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  return SampleOutput(tokens=tokens, mask=mask, lengths=lengths, logprobs=np.where(mask, logprobs, 0.0),
+                      prompt_index=(np.arange(tokens.shape[0]) // n).astype(np.int32))
