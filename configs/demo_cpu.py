@@ -1,37 +1,37 @@
 """The embedded default: the built-in arithmetic task and tiny policy, on CPU.
 
-python -m p2o_jax.main --config configs/demo_cpu.py [--config.rollout.max_new_tokens=32 ...]
+python -m p2o_jax.main --config configs/demo_cpu.py [--config.train.max_steps=4 ...] [--workdir DIR]
 """
 
 import ml_collections
 
+from p2o_jax.config import base_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = base_config()
   c.workdir = "runs/demo_cpu"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = "builtin"  # "builtin" or a Hugging Face checkpoint directory
-  c.model.builtin_cache_dir = ".cache/p2o_jax/builtin_policy"
-  c.model.param_dtype = "float32"
-  c.model.compute_dtype = "float32"
-  c.model.remat = False
+  c.model.checkpoint = "builtin"
+  c.data.source = "builtin"
+  c.data.prompt_format = "{question}"
+  c.data.builtin_train_size = 2048
+  c.data.builtin_hard_fraction = 0.5
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.rollout.max_prompt_len = 128
+  c.rollout.max_new_tokens = 64
+  c.rollout.num_samples = 6
+  c.reward.fallback = "last_number"
 
-  c.rollout = ml_collections.ConfigDict()
-  c.rollout.max_prompt_len = 64
-  c.rollout.max_new_tokens = 96
-  c.rollout.temperature = 0.6
-  c.rollout.top_p = 1.0
-  c.rollout.top_k = 0
-  c.rollout.num_samples = 6  # K rollouts per query
+  c.train.batch_size = 16
+  c.train.epochs = 1
+  c.train.max_steps = 40
+  c.grpo.num_minibatches = 2
+  c.grpo.micro_batch_size = 48
+  c.optim.lr = 1e-4
+  c.optim.warmup_ratio = 0.0
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_easy = 64
-  c.eval.num_hard = 64
+  c.eval.builtin_easy = 64
+  c.eval.builtin_hard = 64
+  c.eval.every_steps = 10
   return c

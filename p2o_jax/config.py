@@ -1,10 +1,12 @@
-"""Up-front validation of a run's ml_collections config: every problem is a one-line error naming the key."""
+"""The run config: every key with its default (`base_config`), and up-front validation (`validate`) so a wrong value or
+an impossible combination is a one-line error naming the key, before anything heavy starts."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from p2o_jax.models.config import SUPPORTED_MODEL_TYPES  # noqa: F401  (documented choices live with the model)
+from p2o_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS
+from p2o_jax.rl.optimizer import SCHEDULES
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -13,22 +15,97 @@ class ConfigError(ValueError):
   """The run's config is malformed; the message names the key."""
 
 
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults follow the P^2O authors' code where the paper fixes a value (see ../shared/P2O_SPEC.md)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/default"
+
+  c.model = dict(checkpoint="builtin", builtin_cache_dir=".cache/p2o_jax/builtin_policy", param_dtype="float32",
+                 compute_dtype="float32", remat=False)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+  c.data = dict(
+      source="file",  # "file" (train_path) or "builtin" (the arithmetic world)
+      train_path="", question_field="problem", answer_field="answer", id_field="",
+      # The user turn; "{question}" is replaced by the problem. The paper's format:
+      prompt_format="Let's think step by step and output the final answer within \\boxed{{}}.\nQuestion: {question}",
+      builtin_train_size=4096, builtin_hard_fraction=0.5)
+  c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6)
+  c.reward = dict(fallback="none", num_workers=2, timeout_s=5.0)
+  c.grpo = dict(
+      advantage="grpo",  # "grpo" (std-normalized) or "dr_grpo"
+      clip_low=0.2, clip_high=0.2, dual_clip=3.0,  # dual_clip 0: off
+      kl_coef=0.0, kl_estimator="k3", aggregation="token-mean",
+      ppo_epochs=1, num_minibatches=2, micro_batch_size=8,
+      dynamic_sampling=False, dynamic_sampling_max_batches=3)
+  c.optim = dict(lr=1e-6, warmup_ratio=0.05, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999)
+  c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
+                 log_every=1, checkpoint_every=10, keep_checkpoints=3, export_dtype="")
+  c.eval = dict(every_steps=0, sets="",  # "name=path.jsonl,name2=path2.jsonl"
+                builtin_easy=0, builtin_hard=0, small_set_size=100, small_set_samples=16, temperature=0.6,
+                max_new_tokens=0)  # 0: rollout.max_new_tokens
+  return ml_collections.ConfigDict(c)
+
+
 def _require(ok: bool, key: str, message: str) -> None:
   if not ok:
     raise ConfigError(f"config.{key}: {message}")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
+def _one_of(c: ml_collections.ConfigDict, key: str, choices) -> None:
+  node = c
+  for part in key.split("."):
+    node = node[part]
+  _require(node in choices, key, f"{node!r} is not one of {tuple(choices)}")
+
+
+def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
+  for key in keys:
+    node = c
+    for part in key.split("."):
+      node = node[part]
+    _require(node >= 0 if allow_zero else node > 0, key, f"{node} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raise ConfigError for the first impossible value or combination."""
-  _require(c.model.param_dtype in _DTYPES, "model.param_dtype", f"{c.model.param_dtype!r} not in {_DTYPES}")
-  _require(c.model.compute_dtype in _DTYPES, "model.compute_dtype", f"{c.model.compute_dtype!r} not in {_DTYPES}")
+  _one_of(c, "model.param_dtype", _DTYPES)
+  _one_of(c, "model.compute_dtype", _DTYPES)
   for axis in ("data", "fsdp", "tensor"):
     size = c.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", f"{size} must be >= 1 or -1 (all remaining devices)")
-  r = c.rollout
-  _require(r.max_prompt_len >= 1, "rollout.max_prompt_len", f"{r.max_prompt_len} must be >= 1")
-  _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"{r.max_new_tokens} must be >= 1")
-  _require(r.temperature >= 0, "rollout.temperature", f"{r.temperature} must be >= 0 (0 = greedy)")
-  _require(0 < r.top_p <= 1, "rollout.top_p", f"{r.top_p} must be in (0, 1]")
-  _require(r.top_k >= 0, "rollout.top_k", f"{r.top_k} must be >= 0 (0 = off)")
-  _require(r.num_samples >= 1, "rollout.num_samples", f"{r.num_samples} must be >= 1")
+  _one_of(c, "data.source", ("file", "builtin"))
+  _require(c.data.source != "file" or bool(c.data.train_path), "data.train_path", "is empty but data.source='file'")
+  _require("{question}" in c.data.prompt_format, "data.prompt_format", "must contain '{question}'")
+  _positive(c, "rollout.max_prompt_len", "rollout.max_new_tokens", "rollout.num_samples", "reward.num_workers",
+            "reward.timeout_s", "grpo.ppo_epochs", "grpo.num_minibatches", "grpo.micro_batch_size", "train.batch_size",
+            "train.epochs", "optim.lr")
+  _positive(c, "rollout.temperature", "rollout.top_k", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
+            allow_zero=True)
+  _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
+  _one_of(c, "reward.fallback", ("none", "last_number"))
+  _one_of(c, "grpo.advantage", ("grpo", "dr_grpo"))
+  _one_of(c, "grpo.aggregation", tuple(AGGREGATIONS))
+  _one_of(c, "grpo.kl_estimator", tuple(KL_ESTIMATORS))
+  _require(c.grpo.dual_clip == 0 or c.grpo.dual_clip > 1, "grpo.dual_clip", f"{c.grpo.dual_clip} must be > 1 (0: off)")
+  _one_of(c, "optim.schedule", SCHEDULES)
+  _require(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"{c.optim.warmup_ratio} must be in [0, 1)")
+  rows = c.train.batch_size * c.rollout.num_samples
+  _require(rows % c.grpo.num_minibatches == 0, "grpo.num_minibatches",
+           f"{c.grpo.num_minibatches} does not divide the {rows} rollout rows per step (batch_size x num_samples)")
+  minibatch = rows // c.grpo.num_minibatches
+  _require(minibatch % c.grpo.micro_batch_size == 0, "grpo.micro_batch_size",
+           f"{c.grpo.micro_batch_size} does not divide the mini-batch of {minibatch} rows")
+  if num_devices is not None:
+    batch_devices = _batch_devices(c, num_devices)
+    _require(c.grpo.micro_batch_size % batch_devices == 0, "grpo.micro_batch_size",
+             f"{c.grpo.micro_batch_size} is not divisible by the {batch_devices} devices of the data x fsdp axes")
+
+
+def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  sizes = {axis: c.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  known = 1
+  for size in sizes.values():
+    known *= size if size != -1 else 1
+  rest = num_devices // known
+  return (rest if sizes["data"] == -1 else sizes["data"]) * (rest if sizes["fsdp"] == -1 else sizes["fsdp"])

@@ -1,0 +1,95 @@
+"""Assemble a run from its config: mesh, policy, tokenizer, training and evaluation data, verifier, trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from p2o_jax import sharding
+from p2o_jax.config import ConfigError, validate
+from p2o_jax.data import arithmetic
+from p2o_jax.data.records import Query, builtin_queries, read_queries
+from p2o_jax.models.builtin import build_builtin_checkpoint
+from p2o_jax.models.hf_checkpoint import load_hf_model
+from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.rewards.pool import VerifierPool
+from p2o_jax.rl.trainer import Trainer, TrainerHooks
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(model_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  """The policy's HF directory; the built-in one is built once and cached."""
+  if model_cfg.checkpoint != "builtin":
+    path = pathlib.Path(model_cfg.checkpoint)
+    if not (path / "config.json").is_file():
+      raise ConfigError(f"config.model.checkpoint: {path} is not a Hugging Face checkpoint directory")
+    return path
+  path = pathlib.Path(model_cfg.builtin_cache_dir)
+  if not (path / "config.json").is_file():
+    log.info("building the built-in policy in %s", path)
+    build_builtin_checkpoint(path)
+  return path
+
+
+def _read(path: str, c: ml_collections.ConfigDict) -> list[Query]:
+  result = read_queries(path, question_field=c.data.question_field, answer_field=c.data.answer_field,
+                        id_field=c.data.id_field or None)
+  if result.skipped:
+    log.warning("%s: skipped %d broken rows", path, result.skipped)
+  return result.queries
+
+
+def parse_eval_sets(spec: str) -> dict[str, str]:
+  """"name=path,name2=path2" -> {name: path}."""
+  sets = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise ConfigError(f"config.eval.sets: {item!r} is not name=path")
+    sets[name] = path
+  return sets
+
+
+def load_data(c: ml_collections.ConfigDict) -> tuple[list[Query], dict[str, list[Query]]]:
+  """(training queries, evaluation sets by name)."""
+  eval_sets = {name: _read(path, c) for name, path in parse_eval_sets(c.eval.sets).items()}
+  if c.data.source == "file":
+    return _read(c.data.train_path, c), eval_sets
+  world = arithmetic.WorldConfig()
+  n_hard = int(round(c.data.builtin_train_size * c.data.builtin_hard_fraction))
+  train = (builtin_queries(world, "easy", c.data.builtin_train_size - n_hard, c.seed)
+           + builtin_queries(world, "hard", n_hard, c.seed + 1))
+  easy, hard = arithmetic.held_out_splits(world, c.eval.builtin_easy, c.eval.builtin_hard, seed=c.seed)
+  for name, problems in (("builtin_easy", easy), ("builtin_hard", hard)):
+    if problems:
+      eval_sets[name] = [Query(r["id"], r["question"], r["answer"]) for r in arithmetic.to_records(problems)]
+  return train, eval_sets
+
+
+def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:
+  validate(c, jax.device_count())
+  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+  checkpoint = resolve_checkpoint(c.model)
+  model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
+                        remat=c.model.remat)
+  tokenizer = load_tokenizer(checkpoint)
+  train, eval_sets = load_data(c)
+  log.info("policy %s (%s, %.2fM params) on mesh %s; %d training queries; eval sets %s", checkpoint,
+           model.cfg.model_type, model.cfg.num_params / 1e6, dict(mesh.shape), len(train),
+           {k: len(v) for k, v in eval_sets.items()})
+  with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
+                    fallback=c.reward.fallback) as verifier:
+    trainer = Trainer(c, model=model, tokenizer=tokenizer, mesh=mesh, train_queries=train, eval_sets=eval_sets,
+                      score=verifier.score, hooks=hooks)
+    history = trainer.run()
+  if jax.process_index() == 0:
+    report = pathlib.Path(c.workdir) / "report.json"
+    report.write_text(json.dumps(history, indent=2))
+    log.info("report: %s", report)
+  return history

@@ -1,0 +1,92 @@
+"""Rollouts: queries -> K responses each (one sampler call) -> verified rewards, and packing them into train rows.
+
+Every row has two contexts: the user turn it was GENERATED from and the user turn its gradient is TAKEN on. Plain GRPO
+uses the query for both. P^2O generates hard queries' rows from templated turns and trains them on the plain one
+(context distillation); `RowContexts` is that seam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from p2o_jax.models.tokenizer import chat_prompt_ids, decode_completions
+from p2o_jax.sampling import Sampler, SamplingConfig, default_buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class RowContexts:
+  """Per row (query-major, K rows per query): the user turn to sample from and the one to train on."""
+
+  generate: list[str]
+  train: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  group_size: int
+  answers: list[str]  # per row: the query's reference answer
+  texts: list[str]  # per row: the decoded response
+  generate_prompt_ids: list[list[int]]
+  train_prompt_ids: list[list[int]]
+  tokens: np.ndarray  # (rows, max_new) int32
+  mask: np.ndarray  # (rows, max_new) bool
+  sampler_logp: np.ndarray  # (rows, max_new): log-probs under the GENERATION context
+  rewards: np.ndarray  # (rows,) float32
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.texts)
+
+  def is_templated(self) -> np.ndarray:
+    return np.asarray([g != t for g, t in zip(self.generate_prompt_ids, self.train_prompt_ids)])
+
+
+def plain_contexts(user_turns: Sequence[str], group_size: int) -> RowContexts:
+  rows = [turn for turn in user_turns for _ in range(group_size)]
+  return RowContexts(generate=rows, train=list(rows))
+
+
+def collect_rollouts(sampler: Sampler, tokenizer, contexts: RowContexts, answers: Sequence[str], group_size: int,
+                     sampling: SamplingConfig, seed, score: Callable[[Sequence[str], Sequence[str]], np.ndarray]
+                     ) -> Rollouts:
+  """Sample one response per row in a single sampler call and score it against the row's query answer."""
+  generate_ids = _ids_with_cache(tokenizer, contexts.generate)
+  train_ids = generate_ids if contexts.train == contexts.generate else _ids_with_cache(tokenizer, contexts.train)
+  out = sampler.generate(generate_ids, sampling, n=1, seed=seed)
+  texts = decode_completions(tokenizer, out.tokens, out.lengths)
+  row_answers = [a for a in answers for _ in range(group_size)]
+  rewards = np.asarray(score(texts, row_answers), np.float32)
+  return Rollouts(group_size=group_size, answers=row_answers, texts=texts, generate_prompt_ids=generate_ids,
+                  train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask, sampler_logp=out.logprobs,
+                  rewards=rewards)
+
+
+def _ids_with_cache(tokenizer, turns: Sequence[str]) -> list[list[int]]:
+  # K rows share one user turn: tokenize each distinct turn once.
+  unique = list(dict.fromkeys(turns))
+  ids = dict(zip(unique, chat_prompt_ids(tokenizer, unique)))
+  return [ids[t] for t in turns]
+
+
+def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.ndarray, pad_id: int,
+              max_prompt_len: int) -> dict[str, np.ndarray]:
+  """Rows of [prompt left-padded to P | response right-padded to R], P and R rounded up to power-of-two buckets."""
+  longest_response = int(mask.sum(axis=1).max()) if mask.size else 1
+  response_len = _bucket(max(longest_response, 1), tokens.shape[1])
+  prompt_len = _bucket(max(len(p) for p in prompt_ids), max_prompt_len)
+  rows = len(prompt_ids)
+  packed = np.full((rows, prompt_len + response_len), pad_id, np.int32)
+  valid = np.zeros(packed.shape, bool)
+  for r, prompt in enumerate(prompt_ids):
+    packed[r, prompt_len - len(prompt):prompt_len] = prompt
+    valid[r, prompt_len - len(prompt):prompt_len] = True
+  packed[:, prompt_len:] = np.where(mask[:, :response_len], tokens[:, :response_len], pad_id)
+  valid[:, prompt_len:] = mask[:, :response_len]
+  return {"tokens": packed, "valid": valid, "response_mask": mask[:, :response_len].copy()}
+
+
+def _bucket(n: int, largest: int) -> int:
+  return next(b for b in default_buckets(largest, smallest=8) if b >= n)

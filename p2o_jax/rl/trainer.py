@@ -1,0 +1,294 @@
+"""The RLVR training loop: queries -> K rollouts (one sampler call) -> verifier -> group advantages -> policy update.
+
+Everything a step needs is derived from (config, step, data-iterator state), so a run resumed from a checkpoint
+continues exactly as if it had never stopped. `TrainerHooks` is the seam P^2O plugs into: which context each row is
+generated from and trained on, per-token loss weights, what to observe about each batch, and work between epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from p2o_jax import sharding
+from p2o_jax.checkpoint import Checkpointer
+from p2o_jax.data.pipeline import EpochBatches
+from p2o_jax.data.records import Query
+from p2o_jax.evaluation import EvalProtocol, evaluate_set
+from p2o_jax.metrics import MetricsWriter, Progress
+from p2o_jax.models.decoder import Decoder
+from p2o_jax.models.hf_checkpoint import save_hf_model
+from p2o_jax.models.tokenizer import stop_token_ids
+from p2o_jax.rl.advantages import advantage_estimator, zero_variance_groups
+from p2o_jax.rl.losses import PolicyLossConfig
+from p2o_jax.rl.optimizer import make_optimizer
+from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, plain_contexts
+from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
+from p2o_jax.sampling import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+class TrainerHooks:
+  """Plain GRPO. P^2O overrides these; every method must be deterministic given its own saved state."""
+
+  def contexts(self, queries: Sequence[Query], user_turns: Sequence[str], group_size: int) -> RowContexts:
+    return plain_contexts(user_turns, group_size)
+
+  def token_weights(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray) -> np.ndarray:
+    return np.ones(packed["response_mask"].shape, np.float32)
+
+  def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
+    return {}
+
+  def on_epoch_end(self, epoch: int, trainer: "Trainer") -> dict[str, float]:
+    return {}
+
+  def state(self) -> dict[str, Any]:
+    return {}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    del state
+
+
+@dataclasses.dataclass
+class _Timer:
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def add(self, name: str, start: float) -> None:
+    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+
+  def __init__(self, c, *, model: Decoder, tokenizer, mesh, train_queries: Sequence[Query],
+               eval_sets: dict[str, Sequence[Query]], score: ScoreFn, hooks: TrainerHooks | None = None):
+    self.c, self.tokenizer, self.mesh, self.score = c, tokenizer, mesh, score
+    self.hooks = hooks or TrainerHooks()
+    self.eval_sets = eval_sets
+    self.workdir = pathlib.Path(c.workdir)
+    self.is_main = jax.process_index() == 0
+    self.graphdef, self.params = nnx.split(model)
+    self.pipeline = EpochBatches(list(train_queries), global_batch_size=c.train.batch_size, seed=c.seed)
+    self.total_steps = c.train.max_steps or c.train.epochs * self.pipeline.steps_per_epoch
+    updates = self.total_steps * c.grpo.ppo_epochs * c.grpo.num_minibatches
+    o = c.optim
+    self.optimizer = make_optimizer(lr=o.lr, total_steps=updates, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
+                                    weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip or None)
+    self.opt_state = jax.jit(self.optimizer.init)(self.params)
+    g = c.grpo
+    loss_cfg = PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
+                                aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens,
+                                kl_coef=g.kl_coef, kl_estimator=g.kl_estimator)
+    temperature = c.rollout.temperature or 1.0
+    self.train_step = make_train_step(self.graphdef, self.optimizer, StepConfig(loss_cfg, temperature))
+    self.logprobs = make_logprob_fn(self.graphdef, temperature)
+    self.ref_params = jax.tree.map(jnp.copy, self.params) if g.kl_coef > 0 else None
+    self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                           max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
+    self.sampling = SamplingConfig(c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
+    self.eval_protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
+                                      c.eval.small_set_size, c.eval.small_set_samples)
+    self.checkpointer = Checkpointer(self.workdir, keep=c.train.keep_checkpoints)
+    self.best_dev: float | None = None
+
+  # ---- one step -------------------------------------------------------------------------------------------------
+
+  def user_turns(self, queries: Sequence[Query]) -> list[str]:
+    return [self.c.data.prompt_format.format(question=q.question) for q in queries]
+
+  def rollout(self, queries: Sequence[Query], seed) -> Rollouts:
+    contexts = self.hooks.contexts(queries, self.user_turns(queries), self.c.rollout.num_samples)
+    return collect_rollouts(self.sampler, self.tokenizer, contexts, [q.answer for q in queries],
+                            self.c.rollout.num_samples, self.sampling, seed, self.score)
+
+  def _device_batch(self, arrays: dict[str, np.ndarray], leading: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Reshape rows to `leading` + (micro_batch, ...) and shard the micro-batch axis over the batch mesh axes."""
+    out = {}
+    for name, x in arrays.items():
+      x = x.reshape(*leading, -1, *x.shape[1:])
+      axes = (None,) * len(leading) + ("batch",) + (None,) * (x.ndim - len(leading) - 1)
+      out[name] = jax.device_put(x, jax.sharding.NamedSharding(self.mesh, sharding.logical_to_spec(
+          axes, x.shape, self.mesh)))
+    return out
+
+  def update(self, rollouts: Rollouts, timer: _Timer) -> dict[str, float]:
+    """Advantages, old (and reference) log-probs on the TRAIN contexts, then ppo_epochs x num_minibatches steps."""
+    c, g = self.c, self.c.grpo
+    start = time.perf_counter()
+    advantages = np.asarray(advantage_estimator(g.advantage)(jnp.asarray(rollouts.rewards), rollouts.group_size))
+    packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, self.tokenizer.pad_token_id,
+                       c.rollout.max_prompt_len)
+    rows = rollouts.num_rows
+    micro = g.micro_batch_size
+    whole = self._device_batch(packed, (rows // micro,))
+    old_logp = np.asarray(self.logprobs(self.params, whole)).reshape(rows, -1)
+    batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp,
+             "token_weights": self.hooks.token_weights(rollouts, packed, old_logp).astype(np.float32)}
+    if self.ref_params is not None:
+      batch["ref_logp"] = np.asarray(self.logprobs(self.ref_params, whole)).reshape(rows, -1)
+    minibatches = self._device_batch(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
+    sums: dict[str, float] = {}
+    for _ in range(g.ppo_epochs):
+      for i in range(g.num_minibatches):
+        mb = jax.tree.map(lambda x: x[i], minibatches)
+        self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, mb)
+        for k, v in jax.device_get(metrics).items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+    self.sampler.set_params(self.params)
+    timer.add("train", start)
+    n = g.ppo_epochs * g.num_minibatches
+    metrics = {f"train/{k}": v / n for k, v in sums.items() if k != "update_skipped"}
+    metrics["train/updates_skipped"] = sums.get("update_skipped", 0.0)
+    metrics["train/tokens"] = float(packed["response_mask"].sum())
+    return metrics
+
+  def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
+    timer = _Timer()
+    start = time.perf_counter()
+    rollouts = self.rollout(queries, self._seed(step, 0))
+    timer.add("sample", start)
+    if self.c.grpo.dynamic_sampling:
+      queries, rollouts = self._dynamic_sampling(step, queries, rollouts, timer)
+    metrics = _rollout_metrics(rollouts)
+    metrics.update(self.hooks.observe(queries, rollouts))
+    metrics.update(self.update(rollouts, timer))
+    total = sum(timer.seconds.values())
+    metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+    metrics["time/step_s"] = total
+    metrics["train/tokens_per_s"] = metrics["train/tokens"] / max(total, 1e-9)
+    return metrics
+
+  def _seed(self, step: int, attempt: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.c.seed), step), attempt)
+
+  def _dynamic_sampling(self, step, queries, rollouts, timer) -> tuple[list[Query], Rollouts]:
+    """DAPO: keep only groups with reward variance, refilling from further batches up to a limit."""
+    k = rollouts.group_size
+    kept_rows, dropped = [], []
+    for attempt in range(self.c.grpo.dynamic_sampling_max_batches):
+      if attempt:
+        start = time.perf_counter()
+        queries = self.iterator.next()[2]
+        rollouts = self.rollout(queries, self._seed(step, attempt))
+        timer.add("sample", start)
+      flat = np.asarray(zero_variance_groups(jnp.asarray(rollouts.rewards), k))
+      for i, q in enumerate(queries):
+        (dropped if flat[i] else kept_rows).append((q, rollouts, i))
+      if len(kept_rows) >= len(queries):
+        break
+    chosen = (kept_rows + dropped)[:self.c.train.batch_size]  # short of varied groups: pad with flat ones (A = 0)
+    return [q for q, _, _ in chosen], _select_groups([(r, i) for _, r, i in chosen], k)
+
+  # ---- the loop -------------------------------------------------------------------------------------------------
+
+  def restore_or_start(self) -> int:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      self.iterator = self.pipeline.iterator()
+      return 0
+    state, meta = self.checkpointer.restore(latest, {"params": self.params, "opt_state": self.opt_state})
+    self.params, self.opt_state = state["params"], state["opt_state"]
+    if self.ref_params is not None and "ref_params" in state:
+      self.ref_params = state["ref_params"]
+    self.sampler.set_params(self.params)
+    self.iterator = self.pipeline.iterator(meta["data"])
+    self.best_dev = meta.get("best_dev")
+    self.hooks.restore(meta.get("hooks", {}))
+    return int(meta["step"])
+
+  def save(self, step: int) -> None:
+    meta = {"step": step, "data": self.iterator.state(), "best_dev": self.best_dev, "seed": self.c.seed,
+            "hooks": self.hooks.state()}
+    self.checkpointer.save(step, {"params": self.params, "opt_state": self.opt_state}, meta)
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    metrics = {}
+    for name, queries in self.eval_sets.items():
+      result = evaluate_set(self.sampler, self.tokenizer, queries, self.c.data.prompt_format, self.eval_protocol,
+                            self.score, seed=self.c.seed)
+      metrics[f"eval/{name}/accuracy"] = result["accuracy"]
+    if metrics:
+      dev = float(np.mean(list(metrics.values())))
+      metrics["eval/mean_accuracy"] = dev
+      if self.best_dev is None or dev > self.best_dev:
+        self.best_dev = dev
+        self.export("best")
+    return metrics
+
+  def export(self, name: str) -> pathlib.Path:
+    model = nnx.merge(self.graphdef, self.params)
+    return save_hf_model(model, self.workdir / "export" / name, tokenizer=self.tokenizer,
+                         dtype=self.c.train.export_dtype or None)
+
+  def run(self) -> dict[str, Any]:
+    c = self.c
+    start_step = self.restore_or_start()
+    writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start_step)
+    progress = Progress(self.total_steps, desc="train", enabled=self.is_main, start_step=start_step)
+    history: dict[str, Any] = {}
+    if start_step == 0 and self.eval_sets:
+      history["eval_at_start"] = self.evaluate(0)
+      writer.write(0, history["eval_at_start"])
+    step = start_step
+    while step < self.total_steps:
+      epoch, _, queries = self.iterator.next()
+      metrics = self.step(step, queries)
+      step += 1
+      metrics["epoch"] = float(epoch)
+      if self.iterator.epoch_finished:
+        metrics.update(self.hooks.on_epoch_end(epoch, self))
+      if c.eval.every_steps and step % c.eval.every_steps == 0 and step < self.total_steps:
+        metrics.update(self.evaluate(step))
+      writer.write(step, metrics)
+      progress.update(step, reward=f"{metrics['rollout/reward_mean']:.3f}",
+                      zero_adv=f"{metrics['rollout/zero_advantage_fraction']:.2f}")
+      if step % c.train.checkpoint_every == 0 or step == self.total_steps:
+        self.save(step)
+    if start_step < self.total_steps and self.eval_sets:
+      history["eval_at_end"] = self.evaluate(self.total_steps)
+      writer.write(self.total_steps, history["eval_at_end"])
+    history["final_export"] = str(self.export("final"))
+    progress.close()
+    writer.close()
+    self.checkpointer.close()
+    return history
+
+
+def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
+  k = rollouts.group_size
+  rewards_gk = rollouts.rewards.reshape(-1, k)
+  return {
+      "rollout/reward_mean": float(rewards_gk.mean()),
+      f"rollout/pass_at_{k}": float((rewards_gk > 0).any(axis=1).mean()),
+      "rollout/zero_advantage_fraction": float((rewards_gk.max(axis=1) == rewards_gk.min(axis=1)).mean()),
+      "rollout/response_length": float(rollouts.mask.sum(axis=1).mean()),
+  }
+
+
+def _select_groups(chosen: list[tuple[Rollouts, int]], k: int) -> Rollouts:
+  """Concatenate the chosen query groups (each: a Rollouts object and the group's index in it)."""
+  rows = [g * k + j for _, g in chosen for j in range(k)]
+  sources = [r for r, _ in chosen for _ in range(k)]
+  width = max(r.tokens.shape[1] for r in sources)
+
+  def stack(field):
+    return np.stack([np.pad(getattr(r, field)[i], (0, width - getattr(r, field).shape[1]))
+                     for r, i in zip(sources, rows)])
+
+  return Rollouts(group_size=k, answers=[r.answers[i] for r, i in zip(sources, rows)],
+                  texts=[r.texts[i] for r, i in zip(sources, rows)],
+                  generate_prompt_ids=[r.generate_prompt_ids[i] for r, i in zip(sources, rows)],
+                  train_prompt_ids=[r.train_prompt_ids[i] for r, i in zip(sources, rows)],
+                  tokens=stack("tokens"), mask=stack("mask"), sampler_logp=stack("sampler_logp"),
+                  rewards=np.asarray([r.rewards[i] for r, i in zip(sources, rows)], np.float32))

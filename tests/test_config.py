@@ -1,0 +1,76 @@
+"""Config validation and the CLI's handling of bad configs: one line naming the key, before anything heavy runs."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from p2o_jax.config import ConfigError, base_config, validate
+from p2o_jax.experiment import parse_eval_sets
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_shipped_configs_validate(name):
+  validate(load_config(name))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rollout.top_p", 1.5, "config.rollout.top_p"),
+    ("rollout.num_samples", 0, "config.rollout.num_samples"),
+    ("grpo.aggregation", "mean", "config.grpo.aggregation"),
+    ("grpo.kl_estimator", "k4", "config.grpo.kl_estimator"),
+    ("grpo.dual_clip", 0.5, "config.grpo.dual_clip"),
+    ("grpo.num_minibatches", 7, "config.grpo.num_minibatches"),
+    ("grpo.micro_batch_size", 5, "config.grpo.micro_batch_size"),
+    ("model.compute_dtype", "float64", "config.model.compute_dtype"),
+    ("optim.schedule", "linear", "config.optim.schedule"),
+    ("data.prompt_format", "no placeholder", "config.data.prompt_format"),
+])
+def test_bad_values_name_their_key(key, value, message):
+  c = base_config()
+  c.data.train_path = "train.jsonl"
+  section, field = key.split(".")
+  c[section][field] = value
+  with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    validate(c)
+
+
+def test_batch_must_split_over_the_data_axes():
+  c = base_config()
+  c.data.train_path = "train.jsonl"
+  c.train.batch_size, c.rollout.num_samples, c.grpo.num_minibatches, c.grpo.micro_batch_size = 4, 6, 2, 6
+  validate(c, num_devices=2)  # 6 rows per micro-batch over data=2
+  with pytest.raises(ConfigError, match="config.grpo.micro_batch_size: 6 is not divisible by the 4 devices"):
+    validate(c, num_devices=4)
+
+
+def test_eval_set_spec():
+  assert parse_eval_sets("aime=a.jsonl, math=b.jsonl") == {"aime": "a.jsonl", "math": "b.jsonl"}
+  with pytest.raises(ConfigError, match="config.eval.sets"):
+    parse_eval_sets("aime")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.rollout.topp=0.5", 'Did you mean "top_p"'),
+    ("--config.rollout.top_k=abc", "top_k"),
+    ("--config.rollout.top_p=3.0", "config.rollout.top_p: 3.0 must be in (0, 1]"),
+])
+def test_cli_reports_config_typos_in_one_line(override, message, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "p2o_jax.main", "--config", str(ROOT / "configs" / "demo_cpu.py"),
+                           f"--workdir={tmp_path}", override], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and message in last
+  assert "Traceback" not in result.stderr
