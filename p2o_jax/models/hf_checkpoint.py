@@ -167,10 +167,11 @@ def _flat_lookup(tree: nnx.State, path: tuple):
 
 
 def _place_tensor(tensor: np.ndarray, tmap: TensorMap, variable, target: jax.sharding.NamedSharding) -> jax.Array:
+  # Check the stored (HF-layout) shape before any reshape: a transposed tensor could otherwise reshape "validly".
+  expected = tuple(tmap.to_hf(np.empty(variable.shape, np.uint8)).shape)
+  if tuple(tensor.shape) != expected:
+    raise CheckpointError(f"tensor {tmap.hf_name} has shape {tensor.shape}; the config implies {expected}")
   ours = tmap.to_ours(tensor)
-  if tuple(ours.shape) != tuple(variable.shape):
-    raise CheckpointError(f"tensor {tmap.hf_name} has shape {tensor.shape}; the config implies "
-                          f"{tuple(tmap.to_hf(np.empty(variable.shape, np.uint8)).shape)}")
   dtype = variable.dtype
   return jax.make_array_from_callback(variable.shape, target,
                                       lambda index: np.ascontiguousarray(ours[index]).astype(dtype))
