@@ -163,3 +163,15 @@ def test_edit_rules_hand_cases():
 def test_bad_pool_is_rejected(fragments, max_fragments, message):
   with pytest.raises(ValueError, match=message):
     FragmentProposer(fragments, seed=0, max_fragments=max_fragments)
+
+
+def test_state_round_trip_resumes_the_same_proposals():
+  import json
+  request = ReflectionRequest(template="Be careful.", records=(FeedbackRecord("Q: 1+2=", " 3", "correct", 1.0),))
+  proposer = FragmentProposer(DEFAULT_FRAGMENTS, seed=5)
+  proposer.propose([request] * 3)
+  saved = json.loads(json.dumps(proposer.state()))
+  expected = proposer.propose([request] * 5)
+  resumed = FragmentProposer(DEFAULT_FRAGMENTS, seed=99)
+  resumed.restore(saved)
+  assert resumed.propose([request] * 5) == expected

@@ -147,6 +147,15 @@ class FragmentProposer:
   def __repr__(self) -> str:
     return f"FragmentProposer({len(self.fragments)} fragments, max_fragments={self.max_fragments})"
 
+  def state(self) -> list:
+    """The RNG state as JSON-able lists: saved with GEPA's state so a resumed search proposes the same edits."""
+    version, internal, gauss = self._rng.getstate()
+    return [version, list(internal), gauss]
+
+  def restore(self, state: list) -> None:
+    version, internal, gauss = state
+    self._rng.setstate((version, tuple(internal), gauss))
+
   def propose(self, requests: Sequence[ReflectionRequest]) -> list[str | None]:
     """One edited instruction per request, in order; deterministic given the seed and the sequence of requests."""
     self.stats.requests += len(requests)
