@@ -234,7 +234,8 @@ class Trainer:
   def run(self) -> dict[str, Any]:
     c = self.c
     start_step = self.restore_or_start()
-    writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start_step)
+    # Records are numbered by completed steps; the checkpoint at `start_step` already includes that step's record.
+    writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start_step + 1)
     progress = Progress(self.total_steps, desc="train", enabled=self.is_main, start_step=start_step)
     history: dict[str, Any] = {}
     if start_step == 0 and self.eval_sets:
