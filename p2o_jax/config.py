@@ -44,6 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(every_steps=0, sets="",  # "name=path.jsonl,name2=path2.jsonl"
                 builtin_easy=0, builtin_hard=0, small_set_size=100, small_set_samples=16, temperature=0.6,
                 max_new_tokens=0)  # 0: rollout.max_new_tokens
+  c.p2o = dict(
+      enabled=False,
+      hard_max_correct=1,  # a query is hard with at most this many correct of K rollouts (0: the strict variant)
+      hard_min_count=100,  # fewer hard queries: no GEPA, no templates next epoch
+      distillation="plain",  # "plain": gradient on the plain prompt (P^2O); "templated": the paper's ablation;
+      # "importance": plain prompt, old log-probs from the templated context (ratio pi(y|x) / pi_old(y|x~))
+      ratio_mask="hard", ratio_low=0.01, ratio_high=10.0,  # the context ratio mask: "hard", "soft" or "off"
+      same_template_in_group=False,
+      gepa=dict(dev_size=300, beam_width=16, minibatch_size=3, max_metric_calls=11040, max_iters=1000),
+      reflector="self",  # "self" (frozen reference policy), "teacher" (OpenAI-compatible endpoint), "offline"
+      reflection_temperature=0.6, reflection_max_new_tokens=2048, reflection_max_prompt_len=4096,
+      max_template_chars=2000,
+      offline_fragments="",  # "|"-separated fragment pool of the offline proposer ("" = its default pool)
+      teacher=dict(base_url="", model="", api_key_env="OPENAI_API_KEY", timeout_s=120.0, max_retries=3,
+                   max_concurrency=8))
   return ml_collections.ConfigDict(c)
 
 
@@ -96,6 +111,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   minibatch = rows // c.grpo.num_minibatches
   _require(minibatch % c.grpo.micro_batch_size == 0, "grpo.micro_batch_size",
            f"{c.grpo.micro_batch_size} does not divide the mini-batch of {minibatch} rows")
+  if c.p2o.enabled:
+    _validate_p2o(c)
   if num_devices is not None:
     batch_devices = _batch_devices(c, num_devices)
     _require(c.grpo.micro_batch_size % batch_devices == 0, "grpo.micro_batch_size",
@@ -109,3 +126,20 @@ def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
     known *= size if size != -1 else 1
   rest = num_devices // known
   return (rest if sizes["data"] == -1 else sizes["data"]) * (rest if sizes["fsdp"] == -1 else sizes["fsdp"])
+
+
+def _validate_p2o(c: ml_collections.ConfigDict) -> None:
+  p = c.p2o
+  _require(0 <= p.hard_max_correct < c.rollout.num_samples, "p2o.hard_max_correct",
+           f"{p.hard_max_correct} must be in [0, rollout.num_samples)")
+  _positive(c, "p2o.gepa.dev_size", "p2o.gepa.beam_width", "p2o.gepa.minibatch_size", "p2o.gepa.max_metric_calls",
+            "p2o.reflection_max_new_tokens", "p2o.reflection_max_prompt_len", "p2o.max_template_chars")
+  _positive(c, "p2o.hard_min_count", "p2o.gepa.max_iters", allow_zero=True)
+  _one_of(c, "p2o.distillation", ("plain", "templated", "importance"))
+  _one_of(c, "p2o.ratio_mask", ("hard", "soft", "off"))
+  _require(0 < p.ratio_low < 1 < p.ratio_high, "p2o.ratio_low", f"need 0 < ratio_low < 1 < ratio_high, got "
+           f"{p.ratio_low}, {p.ratio_high}")
+  _one_of(c, "p2o.reflector", ("self", "teacher", "offline"))
+  if p.reflector == "teacher":
+    _require(bool(p.teacher.base_url) and bool(p.teacher.model), "p2o.teacher.base_url",
+             "the teacher reflector needs p2o.teacher.base_url and p2o.teacher.model")

@@ -17,6 +17,7 @@ from p2o_jax.data.records import Query, builtin_queries, read_queries
 from p2o_jax.models.builtin import build_builtin_checkpoint
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.p2o.hooks import P2OHooks
 from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.trainer import Trainer, TrainerHooks
 
@@ -83,6 +84,8 @@ def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None
   log.info("policy %s (%s, %.2fM params) on mesh %s; %d training queries; eval sets %s", checkpoint,
            model.cfg.model_type, model.cfg.num_params / 1e6, dict(mesh.shape), len(train),
            {k: len(v) for k, v in eval_sets.items()})
+  if c.p2o.enabled and hooks is None:
+    hooks = P2OHooks(c)
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
                     fallback=c.reward.fallback) as verifier:
     trainer = Trainer(c, model=model, tokenizer=tokenizer, mesh=mesh, train_queries=train, eval_sets=eval_sets,

@@ -45,13 +45,19 @@ class TrainerHooks:
   def contexts(self, queries: Sequence[Query], user_turns: Sequence[str], group_size: int) -> RowContexts:
     return plain_contexts(user_turns, group_size)
 
-  def token_weights(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray) -> np.ndarray:
-    return np.ones(packed["response_mask"].shape, np.float32)
+  def train_inputs(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(old log-probs, per-token loss weights, metrics) for the packed train rows."""
+    return old_logp, np.ones(packed["response_mask"].shape, np.float32), {}
 
   def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
     return {}
 
-  def on_epoch_end(self, epoch: int, trainer: "Trainer") -> dict[str, float]:
+  def on_epoch_end(self, epoch: int, step: int, trainer: "Trainer") -> dict[str, float]:
+    return {}
+
+  def on_resume(self, trainer: "Trainer") -> dict[str, float]:
+    """Finish work that a stopped run left between epochs."""
     return {}
 
   def state(self) -> dict[str, Any]:
@@ -100,7 +106,10 @@ class Trainer:
     self.eval_protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
                                       c.eval.small_set_size, c.eval.small_set_samples)
     self.checkpointer = Checkpointer(self.workdir, keep=c.train.keep_checkpoints)
+    self.query_by_id = {q.id: q for q in train_queries}
     self.best_dev: float | None = None
+    self._last_saved_step: int | None = None
+    self._started = time.perf_counter()
 
   # ---- one step -------------------------------------------------------------------------------------------------
 
@@ -133,8 +142,8 @@ class Trainer:
     micro = g.micro_batch_size
     whole = self._device_batch(packed, (rows // micro,))
     old_logp = np.asarray(self.logprobs(self.params, whole)).reshape(rows, -1)
-    batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp,
-             "token_weights": self.hooks.token_weights(rollouts, packed, old_logp).astype(np.float32)}
+    old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
+    batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp, "token_weights": weights}
     if self.ref_params is not None:
       batch["ref_logp"] = np.asarray(self.logprobs(self.ref_params, whole)).reshape(rows, -1)
     minibatches = self._device_batch(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
@@ -151,7 +160,7 @@ class Trainer:
     metrics = {f"train/{k}": v / n for k, v in sums.items() if k != "update_skipped"}
     metrics["train/updates_skipped"] = sums.get("update_skipped", 0.0)
     metrics["train/tokens"] = float(packed["response_mask"].sum())
-    return metrics
+    return {**metrics, **hook_metrics}
 
   def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
     timer = _Timer()
@@ -207,7 +216,15 @@ class Trainer:
     self.hooks.restore(meta.get("hooks", {}))
     return int(meta["step"])
 
+  def elapsed(self) -> float:
+    """Wall time of this process's run so far."""
+    return time.perf_counter() - self._started
+
   def save(self, step: int) -> None:
+    """Checkpoint at `step` (once per step: a second call for the same step is a no-op)."""
+    if step == self._last_saved_step:
+      return
+    self._last_saved_step = step
     meta = {"step": step, "data": self.iterator.state(), "best_dev": self.best_dev, "seed": self.c.seed,
             "hooks": self.hooks.state()}
     self.checkpointer.save(step, {"params": self.params, "opt_state": self.opt_state}, meta)
@@ -241,19 +258,24 @@ class Trainer:
     if start_step == 0 and self.eval_sets:
       history["eval_at_start"] = self.evaluate(0)
       writer.write(0, history["eval_at_start"])
+    self._last_saved_step = start_step if start_step else None
+    resumed = self.hooks.on_resume(self) if start_step else {}
+    if resumed:
+      writer.write(start_step, resumed)
     step = start_step
     while step < self.total_steps:
       epoch, _, queries = self.iterator.next()
       metrics = self.step(step, queries)
       step += 1
       metrics["epoch"] = float(epoch)
-      if self.iterator.epoch_finished:
-        metrics.update(self.hooks.on_epoch_end(epoch, self))
       if c.eval.every_steps and step % c.eval.every_steps == 0 and step < self.total_steps:
         metrics.update(self.evaluate(step))
       writer.write(step, metrics)
-      progress.update(step, reward=f"{metrics['rollout/reward_mean']:.3f}",
-                      zero_adv=f"{metrics['rollout/zero_advantage_fraction']:.2f}")
+      progress.update(step, **_progress_fields(metrics))
+      if self.iterator.epoch_finished:  # written as its own record: a kill during GEPA must not lose the step's
+        epoch_metrics = self.hooks.on_epoch_end(epoch, step, self)
+        if epoch_metrics:
+          writer.write(step, epoch_metrics)
       if step % c.train.checkpoint_every == 0 or step == self.total_steps:
         self.save(step)
     if start_step < self.total_steps and self.eval_sets:
@@ -264,6 +286,14 @@ class Trainer:
     writer.close()
     self.checkpointer.close()
     return history
+
+
+def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+  fields = {"reward": f"{metrics['rollout/reward_mean']:.3f}",
+            "zero_adv": f"{metrics['rollout/zero_advantage_fraction']:.2f}"}
+  if "p2o/hard_set_size" in metrics:
+    fields["hard"] = str(int(metrics["p2o/hard_set_size"]))
+  return fields
 
 
 def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
