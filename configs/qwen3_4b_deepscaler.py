@@ -1,0 +1,31 @@
+"""The paper's setting (../shared/P2O_SPEC.md section 6): Qwen3-4B, thinking off, P^2O with Self-Ref on a DeepScaleR
+5K subset, K=6, T=0.6, batch 128, lr 1e-6 with 5% warmup, 10 epochs, 12288-token responses, best-dev checkpoint.
+
+Needs a TPU pod slice (e.g. v5p-32); set the paths, then run on all workers:
+python -m p2o_jax.main --config configs/qwen3_4b_deepscaler.py --workdir gs://BUCKET/runs/p2o_qwen3_4b
+"""
+
+import ml_collections
+
+from p2o_jax.config import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base_config()
+  c.workdir = "runs/qwen3_4b_deepscaler"
+  c.model.checkpoint = "/mnt/models/Qwen3-4B"
+  c.model.compute_dtype = "bfloat16"
+  c.model.remat = True
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.data.train_path = "/mnt/data/deepscaler_5k.parquet"
+  c.data.question_field, c.data.answer_field = "problem", "answer"
+  c.eval.sets = "dev=/mnt/data/deepscaler_dev500.jsonl"
+  c.eval.every_steps = 39  # about once per epoch (5K / 128)
+  c.rollout.max_prompt_len, c.rollout.max_new_tokens = 1024, 12288
+  c.rollout.num_samples, c.rollout.temperature = 6, 0.6
+  c.train.batch_size, c.train.epochs, c.train.checkpoint_every, c.train.export_dtype = 128, 10, 10, "bfloat16"
+  c.grpo.num_minibatches, c.grpo.micro_batch_size = 2, 16
+  c.optim.lr, c.optim.warmup_ratio, c.optim.weight_decay = 1e-6, 0.05, 0.01
+  c.p2o.enabled = True
+  c.p2o.reflector = "self"
+  return c
