@@ -80,15 +80,36 @@ def filter_logits(logits_bv, top_k: int, top_p, use_top_p: bool):
   return logits_bv
 
 
+def inverse_cdf_sample(key, probs_bv, block: int = 128):
+  """One draw per row from `probs_bv` (rows sum to ~1) by inverting the CDF with a single uniform per row.
+
+  jax.random.categorical draws a Gumbel variate for every vocabulary entry, which dominates a decode step on CPU for
+  large vocabularies; here the CDF is built two-level (block sums, then one block) so the cumulative sums stay short.
+  """
+  b, v = probs_bv.shape
+  blocks = -(-v // block)
+  p = jnp.pad(probs_bv, ((0, 0), (0, blocks * block - v))).reshape(b, blocks, block)
+  mass = p.sum(axis=-1)
+  cdf = jnp.cumsum(mass, axis=-1)
+  u = jax.random.uniform(key, (b, 1), probs_bv.dtype) * cdf[:, -1:]
+  chosen_block = jnp.minimum(jnp.sum(cdf < u, axis=-1), blocks - 1)
+  inner = jnp.take_along_axis(p, chosen_block[:, None, None], axis=1)[:, 0]
+  before = jnp.take_along_axis(cdf - mass, chosen_block[:, None], axis=1)
+  offset = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) + before < u, axis=-1), block - 1)
+  tokens = jnp.minimum(chosen_block * block + offset, v - 1)
+  # Rounding can land the draw on a zero-probability (filtered or padding) entry: take the mode instead.
+  drawn_p = jnp.take_along_axis(probs_bv, tokens[:, None], axis=-1)[:, 0]
+  return jnp.where(drawn_p > 0, tokens, jnp.argmax(probs_bv, axis=-1))
+
+
 def sample_tokens(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
   """Draw one token per row; return (tokens, log-prob of each under the distribution it was drawn from)."""
   if greedy:
     tokens = jnp.argmax(logits_bv, axis=-1)
     logp = jax.nn.log_softmax(logits_bv, axis=-1)
   else:
-    filtered = filter_logits(logits_bv / temperature, top_k, top_p, use_top_p)
-    tokens = jax.random.categorical(key, filtered, axis=-1)
-    logp = jax.nn.log_softmax(filtered, axis=-1)
+    logp = jax.nn.log_softmax(filter_logits(logits_bv / temperature, top_k, top_p, use_top_p), axis=-1)
+    tokens = inverse_cdf_sample(key, jnp.exp(logp))
   return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 

@@ -3,7 +3,8 @@
 Every parameter carries `logical_axes` metadata; `p2o_jax.sharding` maps those names onto mesh axes. Kernels keep heads
 as their own axis ((embed, heads, head_dim) rather than (embed, heads*head_dim)) so the tensor axis can split heads.
 The forward pass optionally reads and writes a KV cache: a list with one {"k", "v"} dict per layer, each
-(batch, cache_len, kv_heads, head_dim), written at `cache_index`.
+(batch, kv_heads, cache_len, head_dim), written at `cache_index`. Keeping kv_heads ahead of the sequence axis is the
+layout the attention matmuls consume, so a decode step never transposes the whole cache.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): only the new tokens move
     if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 2)
       layer_cache = {"k": k, "v": v}
     out = _grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts, cfg.head_dim ** -0.5)
     out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(out.dtype))
@@ -87,15 +89,15 @@ class Attention(nnx.Module):
     return out, layer_cache
 
 
-def _grouped_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale):
+def _grouped_attention(q_bthd, k_bksd, v_bksd, mask_bts, scale):
   """Softmax attention where each of the k kv-heads serves h/k query heads (GQA; MQA when k = 1)."""
   b, t, h, d = q_bthd.shape
-  kv = k_bskd.shape[2]
+  kv = k_bksd.shape[1]
   q = q_bthd.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd).astype(jnp.float32) * scale
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd).astype(jnp.float32) * scale
   scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd).reshape(b, t, h, d)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd).reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -190,8 +192,8 @@ def forward(model: Decoder, tokens_bt, valid_bt) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-  axes = ("batch", "cache_length", "kv_heads", "head_dim")
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  axes = ("batch", "kv_heads", "cache_length", "head_dim")
   dtype = dtype or cfg.dtype
   return [{name: sharding.constrain(jnp.zeros(shape, dtype), axes) for name in ("k", "v")}
           for _ in range(cfg.num_layers)]
