@@ -109,6 +109,7 @@ class Trainer:
     self.query_by_id = {q.id: q for q in train_queries}
     self.best_dev: float | None = None
     self._last_saved_step: int | None = None
+    self._verify_seconds = 0.0
     self._started = time.perf_counter()
 
   # ---- one step -------------------------------------------------------------------------------------------------
@@ -119,7 +120,13 @@ class Trainer:
   def rollout(self, queries: Sequence[Query], seed) -> Rollouts:
     contexts = self.hooks.contexts(queries, self.user_turns(queries), self.c.rollout.num_samples)
     return collect_rollouts(self.sampler, self.tokenizer, contexts, [q.answer for q in queries],
-                            self.c.rollout.num_samples, self.sampling, seed, self.score)
+                            self.c.rollout.num_samples, self.sampling, seed, self._timed_score)
+
+  def _timed_score(self, texts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    start = time.perf_counter()
+    rewards = self.score(texts, answers)
+    self._verify_seconds += time.perf_counter() - start
+    return rewards
 
   def _device_batch(self, arrays: dict[str, np.ndarray], leading: tuple[int, ...]) -> dict[str, jax.Array]:
     """Reshape rows to `leading` + (micro_batch, ...) and shard the micro-batch axis over the batch mesh axes."""
@@ -164,11 +171,14 @@ class Trainer:
 
   def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
     timer = _Timer()
+    self._verify_seconds = 0.0
     start = time.perf_counter()
     rollouts = self.rollout(queries, self._seed(step, 0))
     timer.add("sample", start)
     if self.c.grpo.dynamic_sampling:
       queries, rollouts = self._dynamic_sampling(step, queries, rollouts, timer)
+    timer.seconds["verify"] = self._verify_seconds  # sampling time above includes verification: split it out
+    timer.seconds["sample"] -= self._verify_seconds
     metrics = _rollout_metrics(rollouts)
     metrics.update(self.hooks.observe(queries, rollouts))
     metrics.update(self.update(rollouts, timer))
