@@ -131,3 +131,15 @@ def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
   assert final["state"]["history"][0] == progress["state"]["history"][0]
   steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "rollout/reward_mean" in r]
   assert steps == [1, 2]  # the epoch's steps ran once; the resumed run did not repeat them
+
+
+def test_self_ref_reflects_with_the_initial_policy_not_the_trained_one(policy_dir, tmp_path):
+  from p2o_jax.p2o.hooks import make_reflector  # pylint: disable=import-outside-toplevel
+  c = p2o_config(tmp_path, policy_dir)
+  c.p2o.reflector = "self"
+  trainer = make_trainer(c, policy_dir, QUERIES)
+  initial = jax.tree.map(np.asarray, trainer.params)
+  trainer.params = jax.tree.map(lambda x: x + 1.0, trainer.params)  # as if training had moved the policy
+  reflector = make_reflector(c, trainer)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, reflector.sampler.state), initial)
+  assert trainer.ref_params is not None and c.grpo.kl_coef == 0  # kept for Self-Ref although beta = 0

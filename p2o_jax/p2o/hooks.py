@@ -77,7 +77,7 @@ def make_reflector(c, trainer: Trainer):
     return _OnProcessZero(TeacherReflector(cfg))
   sampler = Sampler(nnx.merge(trainer.graphdef, trainer.params), eos_ids=trainer.sampler.eos_ids, pad_id=trainer.sampler.pad_id,
                     max_prompt_len=p.reflection_max_prompt_len, mesh=trainer.mesh)
-  sampler.set_params(trainer.ref_params if trainer.ref_params is not None else jax.tree.map(jnp.copy, trainer.params))
+  sampler.set_params(trainer.ref_params)  # the frozen initial policy (P2OHooks.needs_reference_params)
   return SelfReflector(sampler, trainer.tokenizer, seed=c.seed, temperature=p.reflection_temperature,
                        max_new_tokens=p.reflection_max_new_tokens, max_template_chars=p.max_template_chars)
 
@@ -110,6 +110,7 @@ class P2OHooks(TrainerHooks):
                                     minibatch_size=p.gepa.minibatch_size, max_metric_calls=p.gepa.max_metric_calls,
                                     max_iters=p.gepa.max_iters, seed=c.seed)
     self.reflector = None
+    self.needs_reference_params = p.reflector == "self"
 
   # ---- during an epoch ----------------------------------------------------------------------------------------
 

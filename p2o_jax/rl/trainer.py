@@ -42,6 +42,8 @@ ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 class TrainerHooks:
   """Plain GRPO. P^2O overrides these; every method must be deterministic given its own saved state."""
 
+  needs_reference_params = False  # keep a frozen copy of the initial params (e.g. for a Self-Ref reflector)
+
   def contexts(self, queries: Sequence[Query], user_turns: Sequence[str], group_size: int) -> RowContexts:
     return plain_contexts(user_turns, group_size)
 
@@ -99,7 +101,10 @@ class Trainer:
     temperature = c.rollout.temperature or 1.0
     self.train_step = make_train_step(self.graphdef, self.optimizer, StepConfig(loss_cfg, temperature))
     self.logprobs = make_logprob_fn(self.graphdef, temperature)
-    self.ref_params = jax.tree.map(jnp.copy, self.params) if g.kl_coef > 0 else None
+    # The initial policy, frozen: the KL reference and P^2O's Self-Ref reflector. A resumed run rebuilds it from the
+    # same checkpoint directory, so it is never saved.
+    keep_reference = g.kl_coef > 0 or self.hooks.needs_reference_params
+    self.ref_params = jax.tree.map(jnp.copy, self.params) if keep_reference else None
     self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                            max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
     self.sampling = SamplingConfig(c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
@@ -151,7 +156,7 @@ class Trainer:
     old_logp = np.asarray(self.logprobs(self.params, whole)).reshape(rows, -1)
     old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
     batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp, "token_weights": weights}
-    if self.ref_params is not None:
+    if g.kl_coef > 0:
       batch["ref_logp"] = np.asarray(self.logprobs(self.ref_params, whole)).reshape(rows, -1)
     minibatches = self._device_batch(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
     sums: dict[str, float] = {}
@@ -218,8 +223,6 @@ class Trainer:
       return 0
     state, meta = self.checkpointer.restore(latest, {"params": self.params, "opt_state": self.opt_state})
     self.params, self.opt_state = state["params"], state["opt_state"]
-    if self.ref_params is not None and "ref_params" in state:
-      self.ref_params = state["ref_params"]
     self.sampler.set_params(self.params)
     self.iterator = self.pipeline.iterator(meta["data"])
     self.best_dev = meta.get("best_dev")
