@@ -58,7 +58,7 @@ def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7):
 def test_accumulated_gradient_equals_full_batch(aggregation):
   rows = random_rows()
   full, full_metrics = one_sgd_step(rows, micro=ROWS, aggregation=aggregation)
-  for micro in (1, 2, 4):
+  for micro in (1, 4):  # one row per micro-batch, and an uneven-content split
     split, metrics = one_sgd_step(rows, micro=micro, aggregation=aggregation)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), split, full)
     np.testing.assert_allclose(metrics["loss"], full_metrics["loss"], rtol=1e-5)
