@@ -113,14 +113,17 @@ class MLP(nnx.Module):
       self.up_bias = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
       self.down_bias = _param(rngs, (e,), ("embed",), cfg, init="zeros")
 
-  def __call__(self, x):
-    dt = x.dtype
+  def __call__(self, x_bte):
+    # 2-D matmuls: with (b, t, e) operands XLA:CPU transposes the large gradients in slow loops (~25% of a step).
+    dt = x_bte.dtype
+    x = x_bte.reshape(-1, x_bte.shape[-1])
     gate = x @ self.gate_proj[...].astype(dt)
     up = x @ self.up_proj[...].astype(dt)
     if self.cfg.mlp_bias:
       gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
     out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
-    return out + self.down_bias[...].astype(dt) if self.cfg.mlp_bias else out
+    out = out + self.down_bias[...].astype(dt) if self.cfg.mlp_bias else out
+    return out.reshape(x_bte.shape)
 
 
 class DecoderLayer(nnx.Module):
@@ -166,8 +169,9 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden_bte):
     w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    logits = hidden_bte @ w.astype(hidden_bte.dtype)
-    return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = hidden_bte.reshape(-1, hidden_bte.shape[-1]) @ w.astype(hidden_bte.dtype)  # 2-D: see MLP
+    logits = logits.reshape(*hidden_bte.shape[:-1], -1).astype(jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
 
   def __call__(self, tokens_bt, positions_bt, mask_bts, cache: KVCache | None = None, cache_index=0):
     hidden, cache = self.hidden_states(tokens_bt, positions_bt, mask_bts, cache, cache_index)

@@ -93,7 +93,8 @@ class Trainer:
     o = c.optim
     self.optimizer = make_optimizer(lr=o.lr, total_steps=updates, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
                                     weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip or None)
-    self.opt_state = jax.jit(self.optimizer.init)(self.params)
+    with jax.set_mesh(mesh):  # scalar counters get mesh shardings too, else the first step's outputs recompile it
+      self.opt_state = jax.jit(self.optimizer.init)(self.params)
     g = c.grpo
     loss_cfg = PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
                                 aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens,
