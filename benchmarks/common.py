@@ -7,6 +7,8 @@ on the machine falls on both alike.
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import os
 import pathlib
@@ -123,3 +125,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
       raise ValueError(f"row {i} has {len(row)} cells; the table has {len(headers)} columns")
   lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def parse_cli(argv, description: str, workloads, repeats_help: str) -> tuple[list, int]:
+  """(sizes, repeats) from `--sizes a,b --repeats N`, with one-line argparse errors for bad values."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--sizes", default="demo,50m", help="comma-separated, from: " + ", ".join(workloads))
+  parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+  args = parser.parse_args(argv)
+  try:
+    sizes = parse_sizes(args.sizes)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.repeats < 1:
+    parser.error(f"--repeats={args.repeats} must be >= 1")
+  return sizes, args.repeats

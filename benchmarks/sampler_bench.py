@@ -13,7 +13,6 @@ threads otherwise make the transformers figure (and so the ratio) swing by up to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -22,8 +21,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import transformers
 
-from benchmarks.common import (ModelSize, interleaved_timings, machine_note, markdown_table, parse_sizes,
-                               save_random_qwen2, use_all_torch_threads)
+from benchmarks.common import (interleaved_timings, machine_note, markdown_table,
+                               ModelSize, parse_cli, save_random_qwen2, use_all_torch_threads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,24 +105,16 @@ def bench_size(size: ModelSize, work: Workload, repeats: int) -> list[object]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="demo,50m", help="comma-separated, from: " + ", ".join(WORKLOADS))
-  parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per side (median reported)")
-  args = parser.parse_args(argv)
-  try:
-    sizes = parse_sizes(args.sizes)
-  except ValueError as e:
-    parser.error(str(e))
-  if args.repeats < 1:
-    parser.error(f"--repeats={args.repeats} must be >= 1")
+  sizes, repeats = parse_cli(argv, __doc__.splitlines()[0], WORKLOADS,
+                             "timed generate calls per side (median reported)")
   threads = use_all_torch_threads()
   transformers.logging.disable_progress_bar()
   rows = []
   for size in sizes:
     print(f"measuring {size.name} ...", file=sys.stderr, flush=True)
-    rows.append(bench_size(size, WORKLOADS[size.name], args.repeats))
+    rows.append(bench_size(size, WORKLOADS[size.name], repeats))
   headers = ["size", "params", "batch", "new tokens", "ours tok/s", "transformers tok/s", "ratio", "target"]
-  print(f"decode throughput, generated tokens/s (torch threads: {threads}; median of {args.repeats})")
+  print(f"decode throughput, generated tokens/s (torch threads: {threads}; median of {repeats})")
   print(f"{machine_note()}\n")
   print(markdown_table(headers, rows))
 

@@ -17,7 +17,6 @@ time and by this CPU's float32 matmul peak, measured in the same run. On a busy 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -30,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from benchmarks.common import (ModelSize, interleaved_timings, machine_note, markdown_table, parse_sizes,
-                               save_random_qwen2, use_all_torch_threads)
+from benchmarks.common import (interleaved_timings, machine_note, markdown_table,
+                               ModelSize, parse_cli, save_random_qwen2, use_all_torch_threads)
 from p2o_jax.rl.losses import LOG_RATIO_LIMIT, PolicyLossConfig
 
 LEARNING_RATE = 1e-6  # small: the timed steps barely move the policy, so the clip pattern stays like a real step's
@@ -253,25 +252,16 @@ def bench_size(size: ModelSize, work: Workload, repeats: int) -> list[object]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="demo,50m", help="comma-separated, from: " + ", ".join(WORKLOADS))
-  parser.add_argument("--repeats", type=int, default=3, help="timed steps per side (median reported)")
-  args = parser.parse_args(argv)
-  try:
-    sizes = parse_sizes(args.sizes)
-  except ValueError as e:
-    parser.error(str(e))
-  if args.repeats < 1:
-    parser.error(f"--repeats={args.repeats} must be >= 1")
+  sizes, repeats = parse_cli(argv, __doc__.splitlines()[0], WORKLOADS, "timed steps per side (median reported)")
   threads = use_all_torch_threads()
   transformers.logging.disable_progress_bar()
   table = []
   for size in sizes:
     print(f"measuring {size.name} ...", file=sys.stderr, flush=True)
-    table.append(bench_size(size, WORKLOADS[size.name], args.repeats))
+    table.append(bench_size(size, WORKLOADS[size.name], repeats))
   headers = ["size", "params", "tokens/step", "ours tok/s", "torch tok/s", "ratio", "ours MFU", "peak GFLOP/s"]
   print(f"\nGRPO train step (fwd + bwd + AdamW) throughput, (prompt + response) token positions per second"
-        f" (torch threads: {threads}; median of {args.repeats})")
+        f" (torch threads: {threads}; median of {repeats})")
   print(f"{machine_note()}\n")
   print(markdown_table(headers, table))
   print("\nMFU = model FLOPs per step (see step_flops) / median step time / peak; peak = float32 FLOP/s of a jitted"
