@@ -23,7 +23,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(os.path.join(os.fspath(workdir), "checkpoints"), options=options)
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    if "://" not in directory:  # orbax wants absolute local paths; gs:// and other URLs pass through
+      directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -98,3 +98,13 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(4.0) + 1)
   assert meta == {"step": 2}
   reopened.close()
+
+
+def test_relative_workdir_is_accepted(tmp_path, monkeypatch):
+  """The demo's default workdir is relative (runs/demo_cpu); orbax itself only takes absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer("runs/relative", async_save=False)
+  ckpt.save(1, {"params": {"w": np.arange(3.0)}, "opt_state": {}}, {"step": 1})
+  ckpt.close()
+  assert (tmp_path / "runs" / "relative" / "checkpoints" / "1").is_dir()
+  assert Checkpointer("runs/relative").latest_step() == 1
