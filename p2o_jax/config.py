@@ -67,18 +67,21 @@ def _require(ok: bool, key: str, message: str) -> None:
     raise ConfigError(f"config.{key}: {message}")
 
 
-def _one_of(c: ml_collections.ConfigDict, key: str, choices) -> None:
+def _get(c: ml_collections.ConfigDict, key: str):
   node = c
   for part in key.split("."):
     node = node[part]
+  return node
+
+
+def _one_of(c: ml_collections.ConfigDict, key: str, choices) -> None:
+  node = _get(c, key)
   _require(node in choices, key, f"{node!r} is not one of {tuple(choices)}")
 
 
 def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
   for key in keys:
-    node = c
-    for part in key.split("."):
-      node = node[part]
+    node = _get(c, key)
     _require(node >= 0 if allow_zero else node > 0, key, f"{node} must be {'>= 0' if allow_zero else '> 0'}")
 
 

@@ -62,7 +62,7 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
-def _round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
+def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
   return next(b for b in buckets if b >= n)
 
 
@@ -213,7 +213,7 @@ class Sampler:
       if len(prompt) > self.max_prompt_len:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len}")
     rows = [p for p in prompts for _ in range(n)]
-    length = _round_up_to_bucket(max(len(p) for p in rows), self.prompt_buckets)
+    length = round_up_to_bucket(max(len(p) for p in rows), self.prompt_buckets)
     batch = self._batch_size(len(rows))
     tokens = np.full((batch, length), self.pad_id, np.int32)
     valid = np.zeros((batch, length), bool)

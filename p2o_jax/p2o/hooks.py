@@ -124,12 +124,9 @@ class P2OHooks(TrainerHooks):
         train.append(templated if self.p.distillation == "templated" else turn)
     return RowContexts(generate=generate, train=train)
 
-  def _templated_rows(self, rollouts: Rollouts) -> np.ndarray:
-    return np.asarray([g != t for g, t in zip(rollouts.generate_prompt_ids, rollouts.train_prompt_ids)])
-
   def train_inputs(self, rollouts, packed, old_logp):
     weights = np.ones(packed["response_mask"].shape, np.float32)
-    templated = self._templated_rows(rollouts)
+    templated = rollouts.is_templated()
     if not templated.any():
       return old_logp, weights, {}
     response_len = packed["response_mask"].shape[1]
@@ -151,7 +148,7 @@ class P2OHooks(TrainerHooks):
     k = rollouts.group_size
     hard = self.tracker.observe([q.id for q in queries], rollouts.rewards, k)
     rewards_gk = rollouts.rewards.reshape(-1, k)
-    templated_gk = self._templated_rows(rollouts).reshape(-1, k)
+    templated_gk = rollouts.is_templated().reshape(-1, k)
     s = self.epoch_stats
     for g, query in enumerate(queries):
       if query.id not in self.assignment:

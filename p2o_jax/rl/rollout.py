@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from p2o_jax.models.tokenizer import chat_prompt_ids, decode_completions
-from p2o_jax.sampling import Sampler, SamplingConfig, default_buckets
+from p2o_jax.sampling import Sampler, SamplingConfig, default_buckets, round_up_to_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +75,8 @@ def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.
               max_prompt_len: int) -> dict[str, np.ndarray]:
   """Rows of [prompt left-padded to P | response right-padded to R], P and R rounded up to power-of-two buckets."""
   longest_response = int(mask.sum(axis=1).max()) if mask.size else 1
-  response_len = _bucket(max(longest_response, 1), tokens.shape[1])
-  prompt_len = _bucket(max(len(p) for p in prompt_ids), max_prompt_len)
+  response_len = round_up_to_bucket(max(longest_response, 1), default_buckets(tokens.shape[1], smallest=8))
+  prompt_len = round_up_to_bucket(max(len(p) for p in prompt_ids), default_buckets(max_prompt_len, smallest=8))
   rows = len(prompt_ids)
   packed = np.full((rows, prompt_len + response_len), pad_id, np.int32)
   valid = np.zeros(packed.shape, bool)
@@ -87,6 +87,3 @@ def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.
   valid[:, prompt_len:] = mask[:, :response_len]
   return {"tokens": packed, "valid": valid, "response_mask": mask[:, :response_len].copy()}
 
-
-def _bucket(n: int, largest: int) -> int:
-  return next(b for b in default_buckets(largest, smallest=8) if b >= n)
