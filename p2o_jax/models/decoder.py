@@ -141,6 +141,16 @@ class DecoderLayer(nnx.Module):
     return sharding.constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
+def _rematerialized(layer: DecoderLayer, *args):
+  """layer(*args) with its activations recomputed in the backward pass.
+
+  A pure jax.checkpoint over the layer's split state: nnx.remat mutates Params across trace levels, which fails
+  inside lax.map (the log-prob pass) and jax.eval_shape.
+  """
+  graphdef, state = nnx.split(layer)
+  return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+
+
 class Decoder(nnx.Module):
   """Causal LM: token ids -> logits (float32)."""
 
@@ -161,7 +171,7 @@ class Decoder(nnx.Module):
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if self.cfg.remat:
-        x, layer_cache = nnx.remat(type(layer).__call__)(layer, x, cos, sin, mask_bts, layer_cache, cache_index)
+        x, layer_cache = _rematerialized(layer, x, cos, sin, mask_bts, layer_cache, cache_index)
       else:
         x, layer_cache = layer(x, cos, sin, mask_bts, layer_cache, cache_index)
       new_cache.append(layer_cache)
