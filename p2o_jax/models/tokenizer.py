@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 import transformers
 
 
+# tokenizer_config classes that mean "exactly what tokenizer.json says". AutoTokenizer would instead pick the class
+# of config.json's model_type (Qwen2Tokenizer for the built-in policy), whose own pre-tokenizer drops the spaces a
+# character tokenizer must keep.
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(checkpoint_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
   """The checkpoint's own tokenizer (with its chat template), read from local files only."""
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+  config_path = pathlib.Path(checkpoint_dir) / "tokenizer_config.json"
+  generic = config_path.is_file() and json.loads(config_path.read_text()).get("tokenizer_class") in _GENERIC_CLASSES
+  loader = transformers.PreTrainedTokenizerFast if generic else transformers.AutoTokenizer
+  tokenizer = loader.from_pretrained(str(checkpoint_dir), local_files_only=True)
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token  # many chat models ship no pad token; padding is masked anyway
   return tokenizer
