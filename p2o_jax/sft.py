@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from p2o_jax.metrics import Progress
 from p2o_jax.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def make_sft_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def train_sft(model: Decoder, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTConfig) -> dict[str, float]:
+def train_sft(model: Decoder, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTConfig, *,
+              show_progress: bool = False) -> dict[str, float]:
   """Train `model` in place; returns {"steps", "seconds", "final_loss"}."""
   data = tokenize_examples(tokenizer, examples)
   optimizer = make_sft_optimizer(cfg)
@@ -107,13 +109,15 @@ def train_sft(model: Decoder, tokenizer, examples: Sequence[tuple[str, str]], cf
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(cfg.seed)
-  start, losses, done = time.perf_counter(), [], 0
+  progress = Progress(cfg.steps, desc="sft", enabled=show_progress)
+  start, done = time.perf_counter(), 0
   for done in range(1, cfg.steps + 1):
     params, opt_state, loss = step(params, opt_state, pack_examples(data, cfg.rows, cfg.row_len, rng))
-    if done % 100 == 0 or done == cfg.steps:
-      losses.append(float(loss))
-      log.info("sft step %d/%d loss %.4f (%.0fs)", done, cfg.steps, losses[-1], time.perf_counter() - start)
+    if done % 50 == 0 or done == cfg.steps:
+      progress.update(done, loss=f"{float(loss):.4f}")
     if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+      log.info("sft stopped at step %d: max_seconds %.0f reached", done, cfg.max_seconds)
       break
+  progress.close()
   nnx.update(model, params)
   return {"steps": done, "seconds": time.perf_counter() - start, "final_loss": float(loss)}

@@ -268,3 +268,22 @@ def test_corpus_prompts_are_what_the_chat_template_renders(examples):
 def test_corpus_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
     corpus.CorpusConfig(**kwargs)
+
+
+def test_lsb_first_writes_every_number_least_significant_digit_first():
+  p = arithmetic.make_problem((12, 34, 56, 78), "hard", lsb_first=True)
+  assert arithmetic.question_text(p) == "Q: 21+43+65+87="
+  # 12+34=46, 46+56=102, 102+78=180, each number reversed
+  assert arithmetic.scratchpad(p) == " 21+43=64, 64+65=201, 201+87=081. The answer is 081"
+  assert arithmetic.direct_answer(p) == " The answer is 081"
+  assert arithmetic.to_records([p])[0]["answer"] == "081"
+  assert arithmetic.draw_problem(WorldConfig(lsb_first=True), "easy", np.random.default_rng(0)).lsb_first
+
+
+def test_easy_as_step_draws_a_running_total_plus_one_hard_size_operand():
+  world = WorldConfig(easy_digits=(1, 2), hard_digits=(1, 1), easy_as_step=True)
+  problems = arithmetic.sample_problems(world, "easy", 300, seed=0)
+  assert all(len(p.operands) == 2 and 1 <= p.operands[0] <= 99 and 1 <= p.operands[1] <= 9 for p in problems)
+  assert max(p.operands[0] for p in problems) >= 10  # both digit counts of the running total occur
+  low, high = world.answer_range("easy")
+  assert (low, high) == (2, 108) and all(low <= p.answer <= high for p in problems)

@@ -6,6 +6,12 @@ operands of 2-3 digits) that a tiny plain transformer masters. WorldConfig refus
 outside the easy problems' operand range, because then the scratchpad would ask the model for arithmetic it was never
 taught (the trap DEMO_WORLD.md measured).
 
+With `lsb_first` every number in the world (operands, running totals, answers) is written least-significant digit
+first: "Q: 72+18=" asks for 27+81 and "801" answers it. Each digit of a sum then depends only on digits already
+written, which is what makes addition learnable for a tiny plain transformer in a few hundred SFT steps (the known
+trick DEMO_WORLD.md points to; written most-significant first, the demo's base policy did not learn 3-digit sums in
+600 steps). Reference answers are written the same way, so the ordinary numeric verifier scores them unchanged.
+
 The train/held-out partition is a hash of the problem's operand multiset, so a problem and its reorderings always land
 on the same side, in every run and every process.
 """
@@ -24,12 +30,13 @@ SPLITS: tuple[Split, ...] = ("train", "held_out")
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """One sum: `operands` in order, the exact `answer`, a run-independent `id`, and its difficulty."""
+  """One sum: `operands` in order, the exact `answer`, a run-independent `id`, its difficulty and notation."""
 
   operands: tuple[int, ...]
   answer: int
   id: str
   difficulty: Difficulty
+  lsb_first: bool = False
 
 
 def _check_range(name: str, bounds: tuple[int, int], lowest: int) -> None:
@@ -56,6 +63,10 @@ class WorldConfig:
   hard_operands: tuple[int, int] = (4, 6)
   hard_digits: tuple[int, int] = (2, 2)
   held_out_fraction: float = 0.1
+  lsb_first: bool = False  # numbers written least-significant digit first (module docstring)
+  # Easy problems shaped like one scratchpad step: a running total (easy_digits) plus one hard-size operand
+  # (hard_digits). Far fewer distinct sums than two easy_digits operands, so the tiny policy masters them sooner.
+  easy_as_step: bool = False
 
   def __post_init__(self):
     for name in ("easy_operands", "easy_digits", "hard_operands", "hard_digits"):
@@ -88,6 +99,9 @@ class WorldConfig:
 
   def answer_range(self, difficulty: Difficulty) -> tuple[int, int]:
     """Smallest and largest possible answer of a problem of this difficulty."""
+    if difficulty == "easy" and self.easy_as_step:
+      return (smallest_operand(self.easy_digits[0]) + smallest_operand(self.hard_digits[0]),
+              largest_operand(self.easy_digits[1]) + largest_operand(self.hard_digits[1]))
     (fewest, most), (shortest, longest) = self.operand_range(difficulty), self.digit_range(difficulty)
     return fewest * smallest_operand(shortest), most * largest_operand(longest)
 
@@ -106,8 +120,8 @@ def problem_id(operands: tuple[int, ...]) -> str:
   return "add:" + "+".join(map(str, operands))
 
 
-def make_problem(operands: tuple[int, ...], difficulty: Difficulty) -> Problem:
-  return Problem(tuple(operands), sum(operands), problem_id(operands), difficulty)
+def make_problem(operands: tuple[int, ...], difficulty: Difficulty, lsb_first: bool = False) -> Problem:
+  return Problem(tuple(operands), sum(operands), problem_id(operands), difficulty, lsb_first)
 
 
 def split_of(operands: tuple[int, ...], cfg: WorldConfig) -> Split:
@@ -117,10 +131,18 @@ def split_of(operands: tuple[int, ...], cfg: WorldConfig) -> Split:
   return "held_out" if unit < cfg.held_out_fraction else "train"
 
 
-def _draw_operands(cfg: WorldConfig, difficulty: Difficulty, rng: np.random.Generator) -> tuple[int, ...]:
+def _draw_digits(cfg: WorldConfig, difficulty: Difficulty, rng: np.random.Generator) -> np.ndarray:
+  """Digit count of each operand."""
+  if difficulty == "easy" and cfg.easy_as_step:
+    return np.asarray([rng.integers(cfg.easy_digits[0], cfg.easy_digits[1] + 1),
+                       rng.integers(cfg.hard_digits[0], cfg.hard_digits[1] + 1)])
   fewest, most = cfg.operand_range(difficulty)
   shortest, longest = cfg.digit_range(difficulty)
-  digits = rng.integers(shortest, longest + 1, size=int(rng.integers(fewest, most + 1)))
+  return rng.integers(shortest, longest + 1, size=int(rng.integers(fewest, most + 1)))
+
+
+def _draw_operands(cfg: WorldConfig, difficulty: Difficulty, rng: np.random.Generator) -> tuple[int, ...]:
+  digits = _draw_digits(cfg, difficulty, rng)
   # Uniform digit count first, then a uniform value of that length, so short operands are not swamped by long ones.
   return tuple(int(rng.integers(smallest_operand(d), largest_operand(d) + 1)) for d in digits)
 
@@ -132,7 +154,7 @@ def draw_problem(cfg: WorldConfig, difficulty: Difficulty, rng: np.random.Genera
   while True:
     operands = _draw_operands(cfg, difficulty, rng)
     if split_of(operands, cfg) == split:
-      return make_problem(operands, difficulty)
+      return make_problem(operands, difficulty, cfg.lsb_first)
 
 
 def sample_problems(cfg: WorldConfig, difficulty: Difficulty, n: int, seed: int,
@@ -161,8 +183,12 @@ def held_out_splits(cfg: WorldConfig, n_easy: int, n_hard: int, seed: int) -> tu
           sample_problems(cfg, "hard", n_hard, seed, "held_out"))
 
 
+def write_number(value: int, lsb_first: bool) -> str:
+  return str(value)[::-1] if lsb_first else str(value)
+
+
 def question_text(problem: Problem) -> str:
-  return "Q: " + "+".join(map(str, problem.operands)) + "="
+  return "Q: " + "+".join(write_number(x, problem.lsb_first) for x in problem.operands) + "="
 
 
 def user_turn(template: str, question: str) -> str:
@@ -170,23 +196,26 @@ def user_turn(template: str, question: str) -> str:
   return f"{template}\n\n{question}" if template else question
 
 
-def answer_sentence(value: int) -> str:
-  return f" The answer is {value}"
+def answer_sentence(value: int, lsb_first: bool = False) -> str:
+  return f" The answer is {write_number(value, lsb_first)}"
 
 
 def direct_answer(problem: Problem) -> str:
-  return answer_sentence(problem.answer)
+  return answer_sentence(problem.answer, problem.lsb_first)
 
 
 def scratchpad(problem: Problem) -> str:
   """Running totals, one 2-operand sum per step, then the answer sentence (so the answer is the last number)."""
+  def num(value: int) -> str:
+    return write_number(value, problem.lsb_first)
+
   total, steps = problem.operands[0], []
   for operand in problem.operands[1:]:
-    steps.append(f"{total}+{operand}={total + operand}")
+    steps.append(f"{num(total)}+{num(operand)}={num(total + operand)}")
     total += operand
-  return " " + ", ".join(steps) + "." + answer_sentence(total)
+  return " " + ", ".join(steps) + "." + answer_sentence(total, problem.lsb_first)
 
 
 def to_records(problems: list[Problem]) -> list[dict[str, str]]:
   """JSONL-style rows; answers are strings, as in real math datasets."""
-  return [{"id": p.id, "question": question_text(p), "answer": str(p.answer)} for p in problems]
+  return [{"id": p.id, "question": question_text(p), "answer": write_number(p.answer, p.lsb_first)} for p in problems]

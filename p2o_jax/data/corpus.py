@@ -129,7 +129,7 @@ def _direct(problem: arithmetic.Problem, world: arithmetic.WorldConfig, cfg: Cor
             rng: np.random.Generator) -> str:
   if problem.difficulty == "hard" and rng.random() < cfg.hard_direct_noise:
     low, high = world.answer_range("hard")
-    return arithmetic.answer_sentence(int(rng.integers(low, high + 1)))
+    return arithmetic.answer_sentence(int(rng.integers(low, high + 1)), problem.lsb_first)
   return arithmetic.direct_answer(problem)
 
 
