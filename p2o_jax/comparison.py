@@ -1,0 +1,107 @@
+"""Summaries of a method comparison (p2o_jax/compare.py): a markdown table and a PNG of accuracy vs step.
+
+Pure readers of the runs' metrics.jsonl files: curves are the "eval/<set>/accuracy" records, aligned on the steps
+every run of a method evaluated at, averaged over seeds with the min-max spread shown.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from p2o_jax.metrics import METRICS_FILENAME, read_metrics
+from p2o_jax.report import distillation_efficiency
+
+TABLE_FILENAME, PLOT_FILENAME = "comparison.md", "comparison.png"
+
+
+def accuracy_curve(run_dir: pathlib.Path, eval_set: str) -> dict[int, float]:
+  """{step: accuracy} of one run on one eval set (the last record wins when a resumed run repeated a step)."""
+  key = f"eval/{eval_set}/accuracy"
+  return {int(r["step"]): float(r[key]) for r in read_metrics(run_dir / METRICS_FILENAME) if key in r}
+
+
+def seed_curves(run_dirs: Sequence[pathlib.Path], eval_set: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, accuracies (seeds, steps)) on the steps common to every seed's run."""
+  curves = [accuracy_curve(d, eval_set) for d in run_dirs]
+  steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+  return np.asarray(steps, int), np.asarray([[c[s] for s in steps] for c in curves], float).reshape(len(curves), -1)
+
+
+def _final(run_dirs: Sequence[pathlib.Path], eval_set: str) -> np.ndarray:
+  _, acc = seed_curves(run_dirs, eval_set)
+  return acc[:, -1] if acc.size else np.full(len(run_dirs), np.nan)
+
+
+def _cell(values: np.ndarray) -> str:
+  if np.isnan(values).any():
+    return "-"
+  return f"{100 * values.mean():.1f} ± {100 * values.std():.1f}"
+
+
+def eval_sets_of(run_dirs: Sequence[pathlib.Path]) -> list[str]:
+  names = set()
+  for d in run_dirs:
+    for record in read_metrics(d / METRICS_FILENAME):
+      names.update(k.split("/")[1] for k in record if k.startswith("eval/") and k.endswith("/accuracy"))
+  return sorted(names)
+
+
+def render_table(runs: Mapping[str, Sequence[pathlib.Path]], labels: Mapping[str, str],
+                 histories: Mapping[str, Sequence[Mapping]] | None = None) -> str:
+  """Final plain-prompt accuracy per method and eval set (mean ± std over seeds, in %)."""
+  sets = eval_sets_of([d for dirs in runs.values() for d in dirs])
+  seeds = {len(dirs) for dirs in runs.values()}
+  lines = [f"Final plain-prompt accuracy, % (mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds)", "",
+           "| method | " + " | ".join(sets) + " | distillation efficiency |",
+           "|---" * (len(sets) + 2) + "|"]
+  for method, dirs in runs.items():
+    cells = [_cell(_final(dirs, name)) for name in sets]
+    efficiency = "-"
+    if histories and histories.get(method):
+      values = [distillation_efficiency(_finals(h), h.get("base_with_best_template", {})) for h in histories[method]]
+      per_set = {name: [v[name] for v in values if name in v] for name in sets}
+      efficiency = ", ".join(f"{name} {np.mean(v):.2f}" for name, v in per_set.items() if v) or "-"
+    lines.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + f" | {efficiency} |")
+  return "\n".join(lines) + "\n"
+
+
+def _finals(history: Mapping) -> dict[str, float]:
+  return {k.split("/")[1]: v for k, v in history.get("eval_at_end", {}).items()
+          if k.startswith("eval/") and k.endswith("/accuracy")}
+
+
+def plot_curves(runs: Mapping[str, Sequence[pathlib.Path]], labels: Mapping[str, str], eval_set: str,
+                out: pathlib.Path) -> pathlib.Path:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")  # files only: no display on servers and in CI
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for method, dirs in runs.items():
+    steps, acc = seed_curves(dirs, eval_set)
+    if not steps.size:
+      continue
+    mean = 100 * acc.mean(axis=0)
+    (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{labels.get(method, method)} (n={len(dirs)})")
+    ax.fill_between(steps, 100 * acc.min(axis=0), 100 * acc.max(axis=0), color=line.get_color(), alpha=0.2)
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"{eval_set} accuracy, plain prompt (%)")
+  ax.set_ylim(-2, 102)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+def summarize(runs: Mapping[str, Sequence[pathlib.Path]], out_dir: pathlib.Path, *, eval_set: str,
+              labels: Mapping[str, str], histories: Mapping[str, Sequence[Mapping]] | None = None
+              ) -> tuple[pathlib.Path, pathlib.Path]:
+  """Write the table and the plot into `out_dir`; their paths."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  table = out_dir / TABLE_FILENAME
+  table.write_text(render_table(runs, labels, histories))
+  return table, plot_curves(runs, labels, eval_set, out_dir / PLOT_FILENAME)

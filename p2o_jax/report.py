@@ -1,0 +1,97 @@
+"""The end-of-run report: what a run achieved, in `<workdir>/report.md` and on the terminal.
+
+Everything is read back from what the run wrote (its history, metrics.jsonl, GEPA's saved state), so the report is a
+view of the run, not a second source of truth: plain-prompt accuracy of the starting and the trained policy on every
+evaluation set, the starting policy WITH GEPA's best template (what context distillation can at best move into the
+weights), the templates GEPA found, where GEPA's time went, and where the checkpoints are.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from p2o_jax.metrics import METRICS_FILENAME, read_metrics
+
+REPORT_FILENAME = "report.md"
+GEPA_STATE = pathlib.Path("p2o") / "gepa_progress.json"
+
+
+def set_accuracies(eval_metrics: Mapping[str, float]) -> dict[str, float]:
+  """{set name: accuracy} from "eval/<name>/accuracy" metrics."""
+  return {key.split("/")[1]: value for key, value in eval_metrics.items()
+          if key.startswith("eval/") and key.endswith("/accuracy")}
+
+
+def ranked_templates(workdir: str | pathlib.Path) -> list[tuple[str, float]]:
+  """(template, mean dev score) of the last GEPA search, best first; [] when GEPA never ran."""
+  path = pathlib.Path(workdir) / GEPA_STATE
+  if not path.is_file():
+    return []
+  state = json.loads(path.read_text())["state"]
+  means = np.asarray(state["scores_cd"], dtype=float).mean(axis=1)
+  order = np.argsort(-means, kind="stable")
+  return [(state["candidates"][i], float(means[i])) for i in order]
+
+
+def gepa_seconds(workdir: str | pathlib.Path) -> float:
+  path = pathlib.Path(workdir) / METRICS_FILENAME
+  if not path.is_file():
+    return 0.0
+  return float(sum(record.get("p2o/gepa_seconds", 0.0) for record in read_metrics(path)))
+
+
+def _percent(value: float | None) -> str:
+  return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _accuracy_table(start: Mapping[str, float], end: Mapping[str, float],
+                    with_template: Mapping[str, float]) -> list[str]:
+  lines = ["| eval set | starting policy | trained policy | starting policy + best template |", "|---|---|---|---|"]
+  for name in sorted(set(start) | set(end)):
+    lines.append(f"| {name} | {_percent(start.get(name))} | {_percent(end.get(name))} | "
+                 f"{_percent(with_template.get(name))} |")
+  return lines
+
+
+def distillation_efficiency(trained: Mapping[str, float], with_template: Mapping[str, float]) -> dict[str, float]:
+  """Per set: trained plain-prompt accuracy / the starting policy's accuracy with the best template."""
+  return {name: trained[name] / with_template[name] for name in with_template
+          if name in trained and with_template[name] > 0}
+
+
+def render_report(workdir: str | pathlib.Path, history: Mapping[str, Any], wall_seconds: float,
+                  with_template: Mapping[str, float] | None = None) -> str:
+  workdir = pathlib.Path(workdir)
+  start = set_accuracies(history.get("eval_at_start", {}))
+  end = set_accuracies(history.get("eval_at_end", {}))
+  with_template = dict(with_template or {})
+  lines = [f"# Run report: {workdir}", "", "Accuracy with the plain prompt (no template), on the evaluation sets:", ""]
+  lines += _accuracy_table(start, end, with_template)
+  efficiency = distillation_efficiency(end, with_template)
+  if efficiency:
+    lines += ["", "Distillation efficiency (trained plain / starting + best template): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in sorted(efficiency.items()))]
+  templates = ranked_templates(workdir)
+  if templates:
+    lines += ["", "## Templates GEPA found (last search, best mean dev score first)", ""]
+    lines += [f"{i + 1}. ({score:.2f}) {text or '(empty template)'}" for i, (text, score) in enumerate(templates[:5])]
+    lines += ["", f"All candidates, per epoch: {workdir / 'templates'}"]
+  gepa = gepa_seconds(workdir)
+  lines += ["", "## Time", "", f"Wall time {wall_seconds:.0f} s"
+            + (f"; GEPA {gepa:.0f} s ({100 * gepa / max(wall_seconds, 1e-9):.1f}%)" if gepa else "")]
+  lines += ["", "## Outputs", "", f"- checkpoints (resume with the same command): {workdir / 'checkpoints'}",
+            f"- trained policy, Hugging Face format: {history.get('final_export', workdir / 'export' / 'final')}",
+            f"- best-by-dev policy: {workdir / 'export' / 'best'}",
+            f"- metrics: {workdir / METRICS_FILENAME} (and TensorBoard files in {workdir})"]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: str | pathlib.Path, text: str) -> pathlib.Path:
+  path = pathlib.Path(workdir) / REPORT_FILENAME
+  path.write_text(text)
+  return path
