@@ -12,9 +12,11 @@
 #   TPU_NAME    the TPU VM name, e.g. p2o-v4-8
 #   ZONE        the TPU zone, e.g. us-central2-b
 #   CONFIG      config file inside the project, e.g. configs/qwen3_4b_deepscaler.py
-#   WORKDIR     run directory for checkpoints and metrics; use gs://BUCKET/PATH, which every worker can reach and
-#               which outlives the VM (a local path is per worker and lost with the VM)
+#   WORKDIR     run directory on the workers' disks, e.g. runs/p2o_qwen3_4b (metrics, report, exported policies;
+#               written by worker 0; copy it off with `gcloud compute tpus tpu-vm scp --worker=0 --recurse`)
 # Optional:
+#   CHECKPOINT_DIR  where orbax checkpoints go, e.g. gs://BUCKET/runs/p2o_qwen3_4b/checkpoints: every worker reaches
+#               it and it outlives the VM, so a recreated VM resumes from it (default: $WORKDIR/checkpoints)
 #   RUN_NAME    log name on the workers (default: the last component of WORKDIR)
 #   PROJECT     Google Cloud project (default: gcloud's configured project)
 #   REMOTE_DIR  project directory on the workers (default: p2o_jax, as in launch/setup_tpu.sh)
@@ -27,14 +29,16 @@ main() {
   parse_common_args "$@"
   require_tpu_vars
   require_var CONFIG "the config file inside the project, e.g. configs/qwen3_4b_deepscaler.py"
-  require_var WORKDIR "the run directory, e.g. gs://my-bucket/runs/p2o_qwen3_4b"
+  require_var WORKDIR "the run directory on the workers, e.g. runs/p2o_qwen3_4b"
   [[ -f "$REPO_DIR/$CONFIG" ]] || die "CONFIG '$CONFIG' is not a file in $REPO_DIR (give a path inside the project)"
-  if [[ "$WORKDIR" != gs://* ]]; then
-    echo "warning: WORKDIR '$WORKDIR' is not on GCS: each worker writes its own local copy, lost with the VM" >&2
+  [[ "$WORKDIR" != *://* ]] || die "WORKDIR '$WORKDIR' must be a path on the workers; put checkpoints on GCS with CHECKPOINT_DIR=gs://..."
+  if [[ -z "${CHECKPOINT_DIR:-}" ]]; then
+    echo "warning: CHECKPOINT_DIR is not set: checkpoints stay on the VM's disk and are lost with it" >&2
   fi
   local run_name=${RUN_NAME:-$(basename "$WORKDIR")}
   [[ "$run_name" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME '$run_name' may only hold letters, digits, '.', '_', '-'"
-  local job=(bash "$REMOTE_DIR/launch/remote_job.sh" start "$run_name" "$CONFIG" "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"})
+  local overrides=(${CHECKPOINT_DIR:+"--config.train.checkpoint_dir=$CHECKPOINT_DIR"} ${ARGS[@]+"${ARGS[@]}"})
+  local job=(bash "$REMOTE_DIR/launch/remote_job.sh" start "$run_name" "$CONFIG" "$WORKDIR" ${overrides[@]+"${overrides[@]}"})
   tpu_gcloud tpu-vm ssh "$TPU_NAME" --worker=all --command="$(shell_join "${job[@]}")"
 }
 

@@ -177,15 +177,10 @@ def _step_config(c: ml_collections.ConfigDict, temperature: float) -> StepConfig
 
 
 def _abstract_opt_state(optimizer, params: nnx.State, mesh: Mesh):
-  """Optimizer-state shapes with the shardings the trainer's jitted `optimizer.init` gives them.
-
-  Compiling `init` is cheap (it only writes zeros) and is the only way to learn the shardings XLA picks for it.
-  """
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(optimizer.init).lower(params).compile()
+  """Optimizer-state shapes with the shardings the trainer gives them (sharding.init_optimizer_state)."""
   shapes = jax.eval_shape(optimizer.init, params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                      compiled.output_shardings)
+                      sharding.optimizer_state_shardings(optimizer, params, mesh))
 
 
 def batch_shapes(c: ml_collections.ConfigDict, *, train_step: bool) -> dict[str, jax.ShapeDtypeStruct]:

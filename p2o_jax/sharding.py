@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -81,6 +82,21 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
   """Place every array of `state` on the mesh according to the rules."""
   return jax.device_put(state, state_shardings(state, mesh))
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: nnx.State, mesh: Mesh):
+  """Shardings for optimizer.init(params): every per-parameter buffer (Adam's moments) like its parameter, the scalars
+  (step counts) replicated. `params` may be abstract (ShapeDtypeStructs carrying shardings)."""
+  shapes = jax.eval_shape(optimizer.init, params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return optax.tree_map_params(optimizer, lambda _, sharding: sharding, shapes, param_shardings,
+                               transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: nnx.State, mesh: Mesh):
+  """optimizer.init(params), sharded by `optimizer_state_shardings`. Without explicit output shardings XLA replicates
+  the zeros it creates: for Qwen3-4B on fsdp=8, 30 GiB of Adam moments per device instead of 3.7 GiB."""
+  return jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, mesh))(params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_size: int) -> NamedSharding:

@@ -128,8 +128,6 @@ def test_paper_config_with_qwen3_4b_shards_everything_with_an_embed_axis_over_fs
   assert r["replicated"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer initializes the optimizer with jax.jit(optimizer.init) and no "
-                   "out_shardings: XLA replicates the Adam moments on every device (30 GiB each for Qwen3-4B)")
 def test_paper_config_optimizer_moments_are_sharded_like_the_params(runs):
   r = _ok(runs, "paper")
   # AdamW: mu and nu, each shaped and sharded like the params, plus a few scalar counters.

@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["create_tpu.sh", "setup_tpu.sh", "run.sh", "logs.sh", "stop.sh", "ssh_all.sh", "delete_tpu.sh"]
 TPU = {"TPU_NAME": "p2o-test", "ZONE": "us-central2-b"}
-RUN = {**TPU, "CONFIG": "configs/demo_cpu.py", "WORKDIR": "gs://bucket/runs/demo"}
+RUN = {**TPU, "CONFIG": "configs/demo_cpu.py", "WORKDIR": "runs/demo", "CHECKPOINT_DIR": "gs://bucket/runs/demo/ckpt"}
 # Enough variables for every script to reach its gcloud calls.
 COMPLETE_ENV = {
     "create_tpu.sh": {**TPU, "ACCELERATOR_TYPE": "v4-8"},
@@ -264,7 +264,8 @@ def test_run_starts_the_trainer_on_all_workers_with_overrides(launcher):
   assert flag(argv, "worker") == "all" and flag(argv, "zone") == "us-central2-b"
   # The remote shell must get every override back as one literal word (no expansion, no command injection).
   assert remote_command(argv) == ["bash", "p2o_jax/launch/remote_job.sh", "start", "demo", "configs/demo_cpu.py",
-                                  "gs://bucket/runs/demo", "--config.train.max_steps=4", tricky]
+                                  "runs/demo", "--config.train.checkpoint_dir=gs://bucket/runs/demo/ckpt",
+                                  "--config.train.max_steps=4", tricky]
   assert result.stderr == ""
 
 
@@ -273,15 +274,23 @@ def test_run_passes_our_own_flags_through_after_double_dash(launcher):
   assert launcher.run("run.sh", env, "--", "--dry-run").returncode == 0
   [argv] = launcher.gcloud_argvs()
   assert remote_command(argv) == ["bash", "code/p2o/launch/remote_job.sh", "start", "attempt-2",
-                                  "configs/demo_cpu.py", "gs://bucket/runs/demo", "--dry-run"]
+                                  "configs/demo_cpu.py", "runs/demo",
+                                  "--config.train.checkpoint_dir=gs://bucket/runs/demo/ckpt", "--dry-run"]
 
 
-def test_run_warns_about_a_local_workdir_but_runs(launcher):
-  result = launcher.run("run.sh", {**RUN, "WORKDIR": "/tmp/runs/local_demo/"})
+def test_run_without_checkpoint_dir_warns_but_runs(launcher):
+  env = {k: v for k, v in RUN.items() if k != "CHECKPOINT_DIR"}
+  result = launcher.run("run.sh", {**env, "WORKDIR": "/tmp/runs/local_demo/"})
   assert result.returncode == 0
-  assert "warning: WORKDIR" in result.stderr
-  assert remote_command(launcher.gcloud_argvs()[0])[3:6] == ["local_demo", "configs/demo_cpu.py",
-                                                              "/tmp/runs/local_demo/"]
+  assert "warning: CHECKPOINT_DIR" in result.stderr
+  assert remote_command(launcher.gcloud_argvs()[0])[3:] == ["local_demo", "configs/demo_cpu.py",
+                                                             "/tmp/runs/local_demo/"]
+
+
+def test_run_rejects_a_gcs_workdir_before_gcloud(launcher):
+  result = launcher.run("run.sh", {**RUN, "WORKDIR": "gs://bucket/runs/demo"})
+  assert result.returncode != 0 and "CHECKPOINT_DIR=gs://" in result.stderr
+  assert launcher.gcloud_argvs() == []
 
 
 @pytest.mark.parametrize("extra, named", [({"CONFIG": "configs/missing.py"}, "CONFIG"),
