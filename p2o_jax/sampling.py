@@ -5,6 +5,8 @@ one decode program per (prompt bucket, batch bucket, sampling mode), not one per
 (NNX graphdef/state split), so the trainer can swap in new weights without recompiling; the decode state is donated.
 Each sampled token comes with its log-probability under the distribution it was drawn from: log_softmax(logits / T)
 restricted to the top-k / top-p set (for greedy decoding: log_softmax(logits)).
+With several processes, a call is either lockstep (every process passes the same prompts and gets every row back)
+or process-local (each passes its own rows of one global batch and gets its own rows back); see Sampler.generate.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from p2o_jax import sharding
+from p2o_jax import distributed, sharding
 from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
 
 
@@ -206,15 +208,29 @@ class Sampler:
     size = max(divisor, 1 << max(rows - 1, 0).bit_length())
     return -(-size // divisor) * divisor
 
-  def _pad_prompts(self, prompts: Sequence[Sequence[int]], n: int):
+  def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
     for i, prompt in enumerate(prompts):
       if not len(prompt):
         raise ValueError(f"prompt {i} is empty")
       if len(prompt) > self.max_prompt_len:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len}")
-    rows = [p for p in prompts for _ in range(n)]
-    length = round_up_to_bucket(max(len(p) for p in rows), self.prompt_buckets)
-    batch = self._batch_size(len(rows))
+
+  def _shapes(self, rows: Sequence[Sequence[int]], process_local: bool) -> tuple[int, int, int]:
+    """(prompt bucket, global batch, this process's batch). Process-local rows are padded to the longest prompt and
+    largest row count over all processes, so every process calls the jitted programs with the same global shapes."""
+    longest, count = max(map(len, rows), default=0), len(rows)
+    processes = jax.process_count() if process_local else 1
+    if processes > 1:
+      if self.mesh is None:
+        raise ValueError("a multi-process sampler needs a mesh over all processes' devices")
+      distributed.check_batch_layout(self.mesh)
+      longest, count = (int(v) for v in distributed.allgather(np.asarray([longest, count], np.int32)).max(axis=0))
+    if not count:
+      raise ValueError("generate() needs at least one prompt")
+    batch = self._batch_size(count * processes)
+    return round_up_to_bucket(longest, self.prompt_buckets), batch, batch // processes
+
+  def _pad_prompts(self, rows: Sequence[Sequence[int]], length: int, batch: int):
     tokens = np.full((batch, length), self.pad_id, np.int32)
     valid = np.zeros((batch, length), bool)
     for r, prompt in enumerate(rows):
@@ -223,27 +239,37 @@ class Sampler:
     live = np.arange(batch) < len(rows)
     return tokens, valid, live
 
-  def _put(self, x: np.ndarray) -> jax.Array:
+  def _put(self, x: np.ndarray, global_batch: int) -> jax.Array:
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, x.shape[0]))
+    target = sharding.batch_sharding(self.mesh, x.ndim, global_batch)
+    if len(x) == global_batch:  # the whole batch, the same on every process
+      return jax.device_put(x, target)
+    return jax.make_array_from_process_local_data(target, x, (global_batch, *x.shape[1:]))
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
-               seed: int | jax.Array = 0) -> SampleOutput:
-    """Sample `n` continuations of every prompt in one batched device call."""
-    if not prompts:
-      raise ValueError("generate() needs at least one prompt")
-    tokens, valid, live = self._pad_prompts(prompts, n)
+               seed: int | jax.Array = 0, process_local: bool = False) -> SampleOutput:
+    """Sample `n` continuations of every prompt in one batched device call.
+
+    By default every process passes the same prompts and gets every row back (evaluation, GEPA: lockstep). With
+    `process_local=True` each process passes only its own prompts (possibly none), the processes' rows form one global
+    batch in process order, and each process gets back its own rows (training rollouts). With one process both agree.
+    """
+    self._check_prompts(prompts)
+    rows = [p for p in prompts for _ in range(n)]
+    length, global_batch, local_batch = self._shapes(rows, process_local)
+    tokens, valid, live = self._pad_prompts(rows, length, local_batch)
     mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     temperature = jnp.float32(cfg.temperature if not cfg.greedy else 1.0)
     top_p = jnp.float32(cfg.top_p)
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      carry = _prefill(self.graphdef, self.state, self._put(tokens), self._put(valid), self._put(live), key,
-                       temperature, top_p, mode=mode)
+      put = functools.partial(self._put, global_batch=global_batch)
+      carry = _prefill(self.graphdef, self.state, put(tokens), put(valid), put(live), key, temperature, top_p,
+                       mode=mode)
       carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
-    rows = len(prompts) * n
-    return _finish(np.asarray(carry["tokens"])[:rows], np.asarray(carry["logprobs"])[:rows], self.eos_ids, n)
+    fetch = distributed.local_part if local_batch < global_batch else distributed.to_host
+    return _finish(fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)], self.eos_ids, n)
 
 
 def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...], n: int) -> SampleOutput:

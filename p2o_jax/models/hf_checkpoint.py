@@ -22,11 +22,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from p2o_jax import sharding
+from p2o_jax import distributed, sharding
 from p2o_jax.models.config import ModelConfig, from_hf_dict, load_hf_config
 from p2o_jax.models.decoder import Decoder
 
@@ -201,12 +200,6 @@ def to_hf_dict(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str
   return hf
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def save_hf_model(model: Decoder, out_dir: str | os.PathLike, *, tokenizer=None,
                   base_hf_config: dict[str, Any] | None = None, dtype: str | None = None,
                   max_shard_bytes: int = 2 * 1024**3) -> pathlib.Path:
@@ -217,7 +210,8 @@ def save_hf_model(model: Decoder, out_dir: str | os.PathLike, *, tokenizer=None,
   cfg: ModelConfig = model.cfg
   np_dtype = _NP_DTYPES[dtype or cfg.param_dtype]
   maps = tensor_maps(cfg)
-  tensors = {maps[path].hf_name: np.ascontiguousarray(maps[path].to_hf(_host_array(var[...])).astype(np_dtype))
+  tensors = {maps[path].hf_name: np.ascontiguousarray(maps[path].to_hf(distributed.to_host(var[...]))
+                                                       .astype(np_dtype))
              for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   out_dir = pathlib.Path(out_dir)
   if jax.process_index() != 0:

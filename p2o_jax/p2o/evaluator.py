@@ -1,4 +1,8 @@
-"""GEPA's evaluator on the device: every request list is one batched greedy sampler call, scored by the verifier."""
+"""GEPA's evaluator on the device: every request list is one batched greedy sampler call, scored by the verifier.
+
+Multi-process: GEPA runs in lockstep, so every process evaluates the same requests in one sampler call over all
+devices and gets every row back (the sampler's default, lockstep mode); their scores, and so the search, are identical.
+"""
 
 from __future__ import annotations
 

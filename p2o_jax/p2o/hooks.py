@@ -1,9 +1,12 @@
 """P^2O inside the GRPO trainer: templated rollouts for last epoch's hard set, context distillation, hard-set
 collection, and GEPA + template assignment between epochs (../shared/P2O_SPEC.md sections 2-5).
 
-Multi-host: every process runs the same GEPA loop in lockstep (its evaluations are sharded sampler calls that need all
-processes); only the reflector's work that leaves the device (an HTTP teacher, the offline proposer) runs on process 0,
-and its replies, like the final assignment, are broadcast.
+Multi-host: each process rolls out its own queries, but the hard-set tracker and epoch statistics see the global batch
+(every step gathers all processes' query ids and rewards), so all processes hold the same hard set and checkpointable
+state. GEPA then runs in lockstep on every process (its evaluations are sharded sampler calls over identical request
+lists); only the reflector's work that leaves the device (an HTTP teacher, the offline proposer) runs on process 0,
+and its replies, like the final assignment and the saved search progress, are broadcast. Each process applies the
+assignment to its own queries.
 """
 
 from __future__ import annotations
@@ -127,31 +130,38 @@ class P2OHooks(TrainerHooks):
   def train_inputs(self, rollouts, packed, old_logp):
     weights = np.ones(packed["response_mask"].shape, np.float32)
     templated = rollouts.is_templated()
-    if not templated.any():
-      return old_logp, weights, {}
     response_len = packed["response_mask"].shape[1]
     behaviour_logp = rollouts.sampler_logp[:, :response_len]
     metrics = {}
     if self.p.ratio_mask != "off":
-      ratio_w = np.asarray(context_ratio_weights(jnp.asarray(old_logp), jnp.asarray(behaviour_logp),
-                                                 low=self.p.ratio_low, high=self.p.ratio_high,
-                                                 mode=self.p.ratio_mask))
-      weights = np.where(templated[:, None], ratio_w, 1.0).astype(np.float32)
+      if templated.any():
+        ratio_w = np.asarray(context_ratio_weights(jnp.asarray(old_logp), jnp.asarray(behaviour_logp),
+                                                   low=self.p.ratio_low, high=self.p.ratio_high,
+                                                   mode=self.p.ratio_mask))
+        weights = np.where(templated[:, None], ratio_w, 1.0).astype(np.float32)
       valid = packed["response_mask"] & templated[:, None]
-      metrics["p2o/ratio_masked_token_fraction"] = float(((weights == 0) & valid).sum() / max(valid.sum(), 1))
-    if self.p.distillation == "importance":
+      # Counted over all processes, so every process takes part whether or not it has templated rows.
+      masked, total = distributed.allgather(np.asarray([((weights == 0) & valid).sum(), valid.sum()], np.int32)
+                                            ).sum(axis=0)
+      if total:
+        metrics["p2o/ratio_masked_token_fraction"] = float(masked / total)
+    if self.p.distillation == "importance" and templated.any():
       # The behaviour policy is the templated context: the PPO ratio then carries pi(y|x) / pi_old(y|x~).
       old_logp = np.where(templated[:, None], behaviour_logp, old_logp).astype(np.float32)
     return old_logp, weights, metrics
 
   def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
+    """Track the GLOBAL batch (all processes' rows, gathered in process order = the single-process order)."""
     k = rollouts.group_size
-    hard = self.tracker.observe([q.id for q in queries], rollouts.rewards, k)
-    rewards_gk = rollouts.rewards.reshape(-1, k)
-    templated_gk = rollouts.is_templated().reshape(-1, k)
+    query_ids = [i for ids in distributed.allgather_json([q.id for q in queries]) for i in ids]
+    per_row = distributed.concat_rows(np.stack([rollouts.rewards, rollouts.is_templated()], axis=1).astype(np.float32))
+    rewards, templated = per_row[:, 0], per_row[:, 1] > 0
+    hard = self.tracker.observe(query_ids, rewards, k)
+    rewards_gk = rewards.reshape(-1, k)
+    templated_gk = templated.reshape(-1, k)
     s = self.epoch_stats
-    for g, query in enumerate(queries):
-      if query.id not in self.assignment:
+    for g, query_id in enumerate(query_ids):
+      if query_id not in self.assignment:
         continue
       s.assigned_groups += 1
       s.assigned_groups_with_signal += int(rewards_gk[g].max() > rewards_gk[g].min())
@@ -198,10 +208,10 @@ class P2OHooks(TrainerHooks):
 
   def _load_progress(self, trainer: Trainer) -> tuple[gepa.GepaState | None, Any]:
     path = self._progress_path(trainer)
-    if not path.is_file():
-      return None, None
-    saved = json.loads(path.read_text())
-    if saved["epoch"] != self.pending["epoch"] or saved["hard_ids"] != self.pending["hard_ids"]:
+    # Process 0 wrote it; the other hosts need not share its filesystem.
+    saved = json.loads(path.read_text()) if jax.process_index() == 0 and path.is_file() else None
+    saved = distributed.broadcast_json(saved)
+    if saved is None or saved["epoch"] != self.pending["epoch"] or saved["hard_ids"] != self.pending["hard_ids"]:
       return None, None
     log.info("resuming GEPA of epoch %d at iteration %d", saved["epoch"], saved["state"]["iteration"])
     return gepa.GepaState.from_dict(saved["state"]), saved["reflector"]

@@ -52,10 +52,13 @@ def plain_contexts(user_turns: Sequence[str], group_size: int) -> RowContexts:
 def collect_rollouts(sampler: Sampler, tokenizer, contexts: RowContexts, answers: Sequence[str], group_size: int,
                      sampling: SamplingConfig, seed, score: Callable[[Sequence[str], Sequence[str]], np.ndarray]
                      ) -> Rollouts:
-  """Sample one response per row in a single sampler call and score it against the row's query answer."""
+  """Sample one response per row in a single sampler call and score it against the row's query answer.
+
+  The rows are this process's share of the step's global batch (one process-local sampler call over all processes).
+  """
   generate_ids = _ids_with_cache(tokenizer, contexts.generate)
   train_ids = generate_ids if contexts.train == contexts.generate else _ids_with_cache(tokenizer, contexts.train)
-  out = sampler.generate(generate_ids, sampling, n=1, seed=seed)
+  out = sampler.generate(generate_ids, sampling, n=1, seed=seed, process_local=True)
   texts = decode_completions(tokenizer, out.tokens, out.lengths)
   row_answers = [a for a in answers for _ in range(group_size)]
   rewards = np.asarray(score(texts, row_answers), np.float32)
@@ -71,12 +74,20 @@ def _ids_with_cache(tokenizer, turns: Sequence[str]) -> list[list[int]]:
   return [ids[t] for t in turns]
 
 
-def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.ndarray, pad_id: int,
-              max_prompt_len: int) -> dict[str, np.ndarray]:
-  """Rows of [prompt left-padded to P | response right-padded to R], P and R rounded up to power-of-two buckets."""
+def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:
+  """(prompt length P, response length R) of `pack_rows`: the longest of each, rounded up to a power-of-two bucket."""
   longest_response = int(mask.sum(axis=1).max()) if mask.size else 1
-  response_len = round_up_to_bucket(max(longest_response, 1), default_buckets(tokens.shape[1], smallest=8))
-  prompt_len = round_up_to_bucket(max(len(p) for p in prompt_ids), default_buckets(max_prompt_len, smallest=8))
+  response_len = round_up_to_bucket(max(longest_response, 1), default_buckets(mask.shape[1], smallest=8))
+  prompt_len = round_up_to_bucket(max((len(p) for p in prompt_ids), default=1),
+                                  default_buckets(max_prompt_len, smallest=8))
+  return prompt_len, response_len
+
+
+def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.ndarray, pad_id: int,
+              max_prompt_len: int, lengths: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """Rows of [prompt left-padded to P | response right-padded to R]; (P, R) = `lengths`, by default `packed_lengths`
+  of these rows (several processes pass the maximum over all of theirs, so their arrays form one global batch)."""
+  prompt_len, response_len = lengths or packed_lengths(prompt_ids, mask, max_prompt_len)
   rows = len(prompt_ids)
   packed = np.full((rows, prompt_len + response_len), pad_id, np.int32)
   valid = np.zeros(packed.shape, bool)
@@ -86,4 +97,3 @@ def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.
   packed[:, prompt_len:] = np.where(mask[:, :response_len], tokens[:, :response_len], pad_id)
   valid[:, prompt_len:] = mask[:, :response_len]
   return {"tokens": packed, "valid": valid, "response_mask": mask[:, :response_len].copy()}
-
