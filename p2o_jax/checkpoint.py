@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-  """Save/restore {"params", "opt_state"} plus a JSON `meta` dict under `<workdir>/checkpoints/<step>`."""
+  """Save/restore {"params", "opt_state"} plus a JSON `meta` dict under `<directory>/<step>` (local or gs://)."""
 
-  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    directory = os.fspath(directory)
     if "://" not in directory:  # orbax wants absolute local paths; gs:// and other URLs pass through
       directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(directory, options=options)

@@ -14,11 +14,11 @@ from ml_collections import config_flags
 
 # Imports stay light here; JAX, transformers and the trainer are imported inside main() only.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
   return " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
 
 
@@ -27,25 +27,38 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f"error: bad command-line flag or config override: {_one_line(e)}")
+    sys.exit(f"error: bad command-line flag or config override: {one_line(e)}")
+
+
+def load_config():
+  """The --config ConfigDict with overrides resolved and --workdir applied; exits with one line when it is missing."""
+  try:
+    c = CONFIG.value
+    c = None if c is None else c.copy_and_resolve_references()
+  except OSError as e:  # ml_collections defers a config file's load error to the first access
+    sys.exit(f"error: cannot load --config: {one_line(e)}")
+  if c is None:
+    sys.exit("error: --config is required, e.g. --config configs/demo_cpu.py")
+  if WORKDIR.value:
+    c.workdir = WORKDIR.value
+  return c
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def main(argv) -> None:
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  from p2o_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  setup_logging()
+  from p2o_jax import distributed  # pylint: disable=import-outside-toplevel
+  from p2o_jax.config import ConfigError, validate_distributed  # pylint: disable=import-outside-toplevel
   from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel
+  c = load_config()
   try:
-    c = _CONFIG.value
-    c = None if c is None else c.copy_and_resolve_references()
-  except OSError as e:  # ml_collections defers a config file's load error to the first access
-    sys.exit(f"error: cannot load --config: {_one_line(e)}")
-  if c is None:
-    sys.exit("error: --config is required, e.g. --config configs/demo_cpu.py")
-  if _WORKDIR.value:
-    c.workdir = _WORKDIR.value
-  try:
+    validate_distributed(c)
+    distributed.initialize(c.distributed)  # before anything touches a JAX device
     run_training(c)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -3,8 +3,12 @@ an impossible combination is a one-line error naming the key, before anything he
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+from p2o_jax.data import arithmetic
+from p2o_jax.distributed import CPU_COLLECTIVES, INITIALIZE_MODES
 from p2o_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS
 from p2o_jax.rl.optimizer import SCHEDULES
 
@@ -23,7 +27,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = dict(checkpoint="builtin", builtin_cache_dir=".cache/p2o_jax/builtin_policy", param_dtype="float32",
                  compute_dtype="float32", remat=False)
+  # The built-in task (data.source="builtin") and its base policy (model.checkpoint="builtin"): the arithmetic world
+  # (p2o_jax/data/arithmetic.py) and the tiny Qwen2 model SFT-trained on its corpus, cached per distinct setting.
+  c.builtin = dict(easy_operands=(2, 2), easy_digits=(2, 3), hard_operands=(4, 6), hard_digits=(2, 2),
+                   held_out_fraction=0.1, lsb_first=True, easy_as_step=False,
+                   num_layers=4, hidden_size=128, sft_steps=1000, sft_lr=2e-3, sft_rows=16,
+                   sft_row_len=256, sft_examples=50_000, sft_seed=0)  # one base for every run seed
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+  # Multi-process runs (p2o_jax/distributed.py): "auto" starts jax.distributed on a TPU VM or when a coordinator is
+  # given here or in JAX_COORDINATOR_ADDRESS; "always" also relies on JAX's SLURM / Open MPI / Kubernetes detection.
+  # Unset values ("", 0, -1) are left to JAX's auto-detection. cpu_collectives: "gloo", "mpi" or "none" (CPU only).
+  c.distributed = dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1,
+                       cpu_collectives="gloo")
   c.data = dict(
       source="file",  # "file" (train_path) or "builtin" (the arithmetic world)
       train_path="", question_field="problem", answer_field="answer", id_field="",
@@ -40,10 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
       dynamic_sampling=False, dynamic_sampling_max_batches=3)
   c.optim = dict(lr=1e-6, warmup_ratio=0.05, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999)
   c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
-                 log_every=1, checkpoint_every=10, keep_checkpoints=3, export_dtype="")
+                 log_every=1, checkpoint_every=10, keep_checkpoints=3, export_dtype="",
+                 checkpoint_dir="")  # "": <workdir>/checkpoints; may be gs://bucket/path (orbax writes there)
   c.eval = dict(every_steps=0, sets="",  # "name=path.jsonl,name2=path2.jsonl"
                 builtin_easy=0, builtin_hard=0, small_set_size=100, small_set_samples=16, temperature=0.6,
-                max_new_tokens=0)  # 0: rollout.max_new_tokens
+                max_new_tokens=0,  # 0: rollout.max_new_tokens
+                base_with_template=False)  # after P^2O, also score the starting policy with GEPA's best template
   c.p2o = dict(
       enabled=False,
       hard_max_correct=1,  # a query is hard with at most this many correct of K rollouts (0: the strict variant)
@@ -92,7 +109,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   for axis in ("data", "fsdp", "tensor"):
     size = c.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", f"{size} must be >= 1 or -1 (all remaining devices)")
+  _require("://" not in c.workdir, "workdir", f"{c.workdir!r} must be a local directory (metrics, reports and exports "
+           "are plain files); put checkpoints on GCS with train.checkpoint_dir=gs://...")
   _one_of(c, "data.source", ("file", "builtin"))
+  _positive(c, "builtin.num_layers", "builtin.hidden_size", "builtin.sft_lr", "builtin.sft_rows", "builtin.sft_row_len",
+            "builtin.sft_examples")
+  _positive(c, "builtin.sft_steps", allow_zero=True)
+  if "builtin" in (c.data.source, c.model.checkpoint):
+    builtin_world(c)
   _require(c.data.source != "file" or bool(c.data.train_path), "data.train_path", "is empty but data.source='file'")
   _require("{question}" in c.data.prompt_format, "data.prompt_format", "must contain '{question}'")
   _positive(c, "rollout.max_prompt_len", "rollout.max_new_tokens", "rollout.num_samples", "reward.num_workers",
@@ -116,10 +140,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
            f"{c.grpo.micro_batch_size} does not divide the mini-batch of {minibatch} rows")
   if c.p2o.enabled:
     _validate_p2o(c)
+  validate_distributed(c)
   if num_devices is not None:
     batch_devices = _batch_devices(c, num_devices)
     _require(c.grpo.micro_batch_size % batch_devices == 0, "grpo.micro_batch_size",
              f"{c.grpo.micro_batch_size} is not divisible by the {batch_devices} devices of the data x fsdp axes")
+
+
+def builtin_world(c: ml_collections.ConfigDict) -> arithmetic.WorldConfig:
+  """The arithmetic world the `builtin` config section describes."""
+  b = c.builtin
+  try:
+    return arithmetic.WorldConfig(easy_operands=b.easy_operands, easy_digits=b.easy_digits,
+                                  hard_operands=b.hard_operands, hard_digits=b.hard_digits,
+                                  held_out_fraction=b.held_out_fraction, lsb_first=b.lsb_first,
+                                  easy_as_step=b.easy_as_step)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.builtin: {e}") from None
 
 
 def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -129,6 +166,23 @@ def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
     known *= size if size != -1 else 1
   rest = num_devices // known
   return (rest if sizes["data"] == -1 else sizes["data"]) * (rest if sizes["fsdp"] == -1 else sizes["fsdp"])
+
+
+def validate_distributed(c: ml_collections.ConfigDict) -> None:
+  """The `distributed` section alone: checkable before JAX starts (the CLI runs it before jax.distributed)."""
+  d = c.distributed
+  _one_of(c, "distributed.initialize", INITIALIZE_MODES)
+  _one_of(c, "distributed.cpu_collectives", CPU_COLLECTIVES)
+  _positive(c, "distributed.num_processes", allow_zero=True)
+  if d.num_processes:
+    _require(d.initialize != "never", "distributed.initialize", f"is 'never' but num_processes={d.num_processes}")
+    _require(bool(d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")),
+             "distributed.coordinator_address", f"is empty (and JAX_COORDINATOR_ADDRESS unset) but num_processes="
+             f"{d.num_processes}; give the host:port of process 0")
+    _require(c.train.batch_size % d.num_processes == 0, "train.batch_size",
+             f"{c.train.batch_size} is not divisible by distributed.num_processes={d.num_processes}")
+  _require(d.process_id == -1 or 0 <= d.process_id < d.num_processes, "distributed.process_id",
+           f"{d.process_id} must be -1 (auto) or in [0, num_processes={d.num_processes})")
 
 
 def _validate_p2o(c: ml_collections.ConfigDict) -> None:

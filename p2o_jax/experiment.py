@@ -5,37 +5,45 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from p2o_jax import sharding
-from p2o_jax.config import ConfigError, validate
+from p2o_jax import report, sharding
+from p2o_jax.config import ConfigError, builtin_world, validate
 from p2o_jax.data import arithmetic
 from p2o_jax.data.records import Query, builtin_queries, read_queries
-from p2o_jax.models.builtin import build_builtin_checkpoint
+from p2o_jax.models.builtin import BasePolicySpec, cached_base_policy
+from p2o_jax.evaluation import EvalProtocol, evaluate_set
 from p2o_jax.models.hf_checkpoint import load_hf_model
-from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.models.tokenizer import load_tokenizer, stop_token_ids
 from p2o_jax.p2o.hooks import P2OHooks
+from p2o_jax.p2o.templates import apply_template
 from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.trainer import Trainer, TrainerHooks
+from p2o_jax.sampling import Sampler
+from p2o_jax.sft import SFTConfig
 
 log = logging.getLogger(__name__)
 
 
-def resolve_checkpoint(model_cfg: ml_collections.ConfigDict) -> pathlib.Path:
-  """The policy's HF directory; the built-in one is built once and cached."""
-  if model_cfg.checkpoint != "builtin":
-    path = pathlib.Path(model_cfg.checkpoint)
+def base_policy_spec(c: ml_collections.ConfigDict) -> BasePolicySpec:
+  b = c.builtin
+  sft = SFTConfig(steps=b.sft_steps, lr=b.sft_lr, rows=b.sft_rows, row_len=b.sft_row_len, seed=b.sft_seed)
+  return BasePolicySpec(world=builtin_world(c), sft=sft, num_examples=b.sft_examples, num_layers=b.num_layers,
+                        hidden_size=b.hidden_size)
+
+
+def resolve_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """The policy's HF directory; the built-in base policy is built once per distinct `builtin` setting and cached."""
+  if c.model.checkpoint != "builtin":
+    path = pathlib.Path(c.model.checkpoint)
     if not (path / "config.json").is_file():
       raise ConfigError(f"config.model.checkpoint: {path} is not a Hugging Face checkpoint directory")
     return path
-  path = pathlib.Path(model_cfg.builtin_cache_dir)
-  if not (path / "config.json").is_file():
-    log.info("building the built-in policy in %s", path)
-    build_builtin_checkpoint(path)
-  return path
+  return cached_base_policy(c.model.builtin_cache_dir, base_policy_spec(c))
 
 
 def _read(path: str, c: ml_collections.ConfigDict) -> list[Query]:
@@ -62,7 +70,7 @@ def load_data(c: ml_collections.ConfigDict) -> tuple[list[Query], dict[str, list
   eval_sets = {name: _read(path, c) for name, path in parse_eval_sets(c.eval.sets).items()}
   if c.data.source == "file":
     return _read(c.data.train_path, c), eval_sets
-  world = arithmetic.WorldConfig()
+  world = builtin_world(c)
   n_hard = int(round(c.data.builtin_train_size * c.data.builtin_hard_fraction))
   train = (builtin_queries(world, "easy", c.data.builtin_train_size - n_hard, c.seed)
            + builtin_queries(world, "hard", n_hard, c.seed + 1))
@@ -73,10 +81,25 @@ def load_data(c: ml_collections.ConfigDict) -> tuple[list[Query], dict[str, list
   return train, eval_sets
 
 
+def evaluate_with_template(checkpoint: pathlib.Path, c: ml_collections.ConfigDict, mesh, eval_sets, template: str,
+                           score) -> dict[str, float]:
+  """Plain-prompt-format accuracy of the policy at `checkpoint` with `template` in front of every question."""
+  model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
+  tokenizer = load_tokenizer(checkpoint)
+  sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                    max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
+  escaped = template.replace("{", "{{").replace("}", "}}")
+  prompt_format = apply_template(escaped, c.data.prompt_format)
+  protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
+                          c.eval.small_set_size, c.eval.small_set_samples)
+  return {name: evaluate_set(sampler, tokenizer, queries, prompt_format, protocol, score, seed=c.seed)["accuracy"]
+          for name, queries in eval_sets.items()}
+
+
 def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:
   validate(c, jax.device_count())
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
-  checkpoint = resolve_checkpoint(c.model)
+  checkpoint = resolve_checkpoint(c)
   model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
                         remat=c.model.remat)
   tokenizer = load_tokenizer(checkpoint)
@@ -86,13 +109,19 @@ def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None
            {k: len(v) for k, v in eval_sets.items()})
   if c.p2o.enabled and hooks is None:
     hooks = P2OHooks(c)
+  start = time.perf_counter()
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
                     fallback=c.reward.fallback) as verifier:
     trainer = Trainer(c, model=model, tokenizer=tokenizer, mesh=mesh, train_queries=train, eval_sets=eval_sets,
                       score=verifier.score, hooks=hooks)
     history = trainer.run()
+    wall_seconds = time.perf_counter() - start
+    templates = report.ranked_templates(c.workdir)
+    if c.eval.base_with_template and templates and eval_sets:
+      history["base_with_best_template"] = evaluate_with_template(checkpoint, c, mesh, eval_sets, templates[0][0],
+                                                                  verifier.score)
   if jax.process_index() == 0:
-    report = pathlib.Path(c.workdir) / "report.json"
-    report.write_text(json.dumps(history, indent=2))
-    log.info("report: %s", report)
+    pathlib.Path(c.workdir, "history.json").write_text(json.dumps(history, indent=2))
+    text = report.render_report(c.workdir, history, wall_seconds, history.get("base_with_best_template"))
+    log.info("report: %s\n%s", report.write_report(c.workdir, text), text)
   return history

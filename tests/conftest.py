@@ -16,3 +16,8 @@ def tiny_hf_model(tmp_path_factory):
     return built[variant]
 
   return get
+
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo_cpu.py"

@@ -36,6 +36,8 @@ def test_shipped_configs_validate(name):
     ("model.compute_dtype", "float64", "config.model.compute_dtype"),
     ("optim.schedule", "linear", "config.optim.schedule"),
     ("data.prompt_format", "no placeholder", "config.data.prompt_format"),
+    ("builtin.hard_digits", (3, 3), "config.builtin: WorldConfig.easy_digits"),
+    ("builtin.sft_steps", -1, "config.builtin.sft_steps"),
 ])
 def test_bad_values_name_their_key(key, value, message):
   c = base_config()
@@ -44,6 +46,16 @@ def test_bad_values_name_their_key(key, value, message):
   c[section][field] = value
   with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
     validate(c)
+
+
+def test_workdir_must_be_local_with_checkpoints_on_gcs_instead():
+  c = base_config()
+  c.data.train_path = "train.jsonl"
+  c.workdir = "gs://bucket/run"
+  with pytest.raises(ConfigError, match=r"config\.workdir: .*train\.checkpoint_dir=gs://"):
+    validate(c)
+  c.workdir, c.train.checkpoint_dir = "runs/x", "gs://bucket/run/checkpoints"
+  validate(c)
 
 
 def test_batch_must_split_over_the_data_axes():

@@ -154,7 +154,7 @@ def orbax_run(files):
   _, params = nnx.split(model)
   opt_state = make_optimizer(lr=1e-3, total_steps=1).init(params)
   perturbed = {}
-  checkpointer = Checkpointer(files["root"] / "run", async_save=False)
+  checkpointer = Checkpointer(files["root"] / "run" / "checkpoints", async_save=False)
   for step in (1, 2):
     rng = np.random.default_rng(step)
     perturbed[step] = jax.tree.map(lambda x: x + rng.normal(0.0, 0.5, x.shape).astype(x.dtype), params)

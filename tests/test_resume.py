@@ -66,7 +66,7 @@ def test_killed_run_resumes_to_identical_params_and_metrics(policy_dir, tmp_path
     time.sleep(0.05)
   os.kill(process.pid, signal.SIGKILL)
   process.wait()
-  killed_at = Checkpointer(resumed).latest_step()
+  killed_at = Checkpointer(resumed / "checkpoints").latest_step()
   assert killed_at is not None and 2 <= killed_at
   log = run_to_end(command(policy_dir, resumed), tmp_path)
   if killed_at < STEPS:

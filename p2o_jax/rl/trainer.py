@@ -3,6 +3,10 @@
 Everything a step needs is derived from (config, step, data-iterator state), so a run resumed from a checkpoint
 continues exactly as if it had never stopped. `TrainerHooks` is the seam P^2O plugs into: which context each row is
 generated from and trained on, per-token loss weights, what to observe about each batch, and work between epochs.
+
+Multi-process: each process draws its contiguous share of every global batch, rolls out, verifies and computes
+advantages for its own queries only (a group never spans processes), and feeds its rows into the global train arrays;
+logged rollout metrics are over the global batch. Evaluation and exports run in lockstep; only process 0 writes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from p2o_jax import sharding
+from p2o_jax import distributed, sharding
 from p2o_jax.checkpoint import Checkpointer
 from p2o_jax.data.pipeline import EpochBatches
 from p2o_jax.data.records import Query
@@ -31,7 +35,7 @@ from p2o_jax.models.tokenizer import stop_token_ids
 from p2o_jax.rl.advantages import advantage_estimator, zero_variance_groups
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.optimizer import make_optimizer
-from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, plain_contexts
+from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, packed_lengths, plain_contexts
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 from p2o_jax.sampling import Sampler, SamplingConfig
 
@@ -53,6 +57,7 @@ class TrainerHooks:
     return old_logp, np.ones(packed["response_mask"].shape, np.float32), {}
 
   def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
+    """Called on every process with its local batch; returned metrics must already be global (process 0 logs)."""
     return {}
 
   def on_epoch_end(self, epoch: int, step: int, trainer: "Trainer") -> dict[str, float]:
@@ -87,14 +92,15 @@ class Trainer:
     self.workdir = pathlib.Path(c.workdir)
     self.is_main = jax.process_index() == 0
     self.graphdef, self.params = nnx.split(model)
-    self.pipeline = EpochBatches(list(train_queries), global_batch_size=c.train.batch_size, seed=c.seed)
+    self.pipeline = EpochBatches(list(train_queries), global_batch_size=c.train.batch_size, seed=c.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    self.local_batch_devices = distributed.check_batch_layout(mesh)
     self.total_steps = c.train.max_steps or c.train.epochs * self.pipeline.steps_per_epoch
     updates = self.total_steps * c.grpo.ppo_epochs * c.grpo.num_minibatches
     o = c.optim
     self.optimizer = make_optimizer(lr=o.lr, total_steps=updates, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
                                     weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip or None)
-    with jax.set_mesh(mesh):  # scalar counters get mesh shardings too, else the first step's outputs recompile it
-      self.opt_state = jax.jit(self.optimizer.init)(self.params)
+    self.opt_state = sharding.init_optimizer_state(self.optimizer, self.params, mesh)
     g = c.grpo
     loss_cfg = PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
                                 aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens,
@@ -111,7 +117,8 @@ class Trainer:
     self.sampling = SamplingConfig(c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
     self.eval_protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
                                       c.eval.small_set_size, c.eval.small_set_samples)
-    self.checkpointer = Checkpointer(self.workdir, keep=c.train.keep_checkpoints)
+    self.checkpointer = Checkpointer(c.train.checkpoint_dir or self.workdir / "checkpoints",
+                                     keep=c.train.keep_checkpoints)
     self.query_by_id = {q.id: q for q in train_queries}
     self.best_dev: float | None = None
     self._last_saved_step: int | None = None
@@ -135,44 +142,53 @@ class Trainer:
     return rewards
 
   def _device_batch(self, arrays: dict[str, np.ndarray], leading: tuple[int, ...]) -> dict[str, jax.Array]:
-    """Reshape rows to `leading` + (micro_batch, ...) and shard the micro-batch axis over the batch mesh axes."""
+    """This process's rows -> global arrays shaped `leading` + (micro_batch, ...) (see `to_micro_batches`), the
+    micro-batch axis sharded over the batch mesh axes: process p's rows fill its devices' slots."""
     out = {}
     for name, x in arrays.items():
-      x = x.reshape(*leading, -1, *x.shape[1:])
-      axes = (None,) * len(leading) + ("batch",) + (None,) * (x.ndim - len(leading) - 1)
-      out[name] = jax.device_put(x, jax.sharding.NamedSharding(self.mesh, sharding.logical_to_spec(
-          axes, x.shape, self.mesh)))
+      local = to_micro_batches(x, self.local_batch_devices, leading)
+      global_shape = (*leading, local.shape[len(leading)] * jax.process_count(), *x.shape[1:])
+      axes = (None,) * len(leading) + ("batch",) + (None,) * (x.ndim - 1)
+      target = jax.sharding.NamedSharding(self.mesh, sharding.logical_to_spec(axes, global_shape, self.mesh))
+      out[name] = jax.make_array_from_process_local_data(target, local, global_shape)
     return out
+
+  def _local_rows(self, x: jax.Array, num_leading: int) -> np.ndarray:
+    """The inverse of `_device_batch` for a result shaped like its output: this process's rows in their order."""
+    return from_micro_batches(distributed.local_part(x, axis=num_leading), self.local_batch_devices, num_leading)
 
   def update(self, rollouts: Rollouts, timer: _Timer) -> dict[str, float]:
     """Advantages, old (and reference) log-probs on the TRAIN contexts, then ppo_epochs x num_minibatches steps."""
     c, g = self.c, self.c.grpo
     start = time.perf_counter()
     advantages = np.asarray(advantage_estimator(g.advantage)(jnp.asarray(rollouts.rewards), rollouts.group_size))
+    # Every process must pack to the same (prompt, response) lengths: its rows are one slice of the global arrays.
+    lengths = packed_lengths(rollouts.train_prompt_ids, rollouts.mask, c.rollout.max_prompt_len)
+    lengths = tuple(int(n) for n in distributed.allgather(np.asarray(lengths, np.int32)).max(axis=0))
     packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, self.tokenizer.pad_token_id,
-                       c.rollout.max_prompt_len)
-    rows = rollouts.num_rows
+                       c.rollout.max_prompt_len, lengths)
+    rows = rollouts.num_rows * jax.process_count()  # every process holds the same number of rows
     micro = g.micro_batch_size
     whole = self._device_batch(packed, (rows // micro,))
-    old_logp = np.asarray(self.logprobs(self.params, whole)).reshape(rows, -1)
+    old_logp = self._local_rows(self.logprobs(self.params, whole), 1)
     old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
     batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp, "token_weights": weights}
     if g.kl_coef > 0:
-      batch["ref_logp"] = np.asarray(self.logprobs(self.ref_params, whole)).reshape(rows, -1)
+      batch["ref_logp"] = self._local_rows(self.logprobs(self.ref_params, whole), 1)
     minibatches = self._device_batch(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
     sums: dict[str, float] = {}
     for _ in range(g.ppo_epochs):
       for i in range(g.num_minibatches):
         mb = jax.tree.map(lambda x: x[i], minibatches)
         self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, mb)
-        for k, v in jax.device_get(metrics).items():
-          sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + float(distributed.to_host(v))
     self.sampler.set_params(self.params)
     timer.add("train", start)
     n = g.ppo_epochs * g.num_minibatches
     metrics = {f"train/{k}": v / n for k, v in sums.items() if k != "update_skipped"}
     metrics["train/updates_skipped"] = sums.get("update_skipped", 0.0)
-    metrics["train/tokens"] = float(packed["response_mask"].sum())
+    metrics["train/tokens"] = float(distributed.allgather(np.int32(packed["response_mask"].sum())).sum())
     return {**metrics, **hook_metrics}
 
   def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
@@ -185,7 +201,7 @@ class Trainer:
       queries, rollouts = self._dynamic_sampling(step, queries, rollouts, timer)
     timer.seconds["verify"] = self._verify_seconds  # sampling time above includes verification: split it out
     timer.seconds["sample"] -= self._verify_seconds
-    metrics = _rollout_metrics(rollouts)
+    metrics = _rollout_metrics(rollouts)  # a collective: over the global batch
     metrics.update(self.hooks.observe(queries, rollouts))
     metrics.update(self.update(rollouts, timer))
     total = sum(timer.seconds.values())
@@ -200,6 +216,7 @@ class Trainer:
   def _dynamic_sampling(self, step, queries, rollouts, timer) -> tuple[list[Query], Rollouts]:
     """DAPO: keep only groups with reward variance, refilling from further batches up to a limit."""
     k = rollouts.group_size
+    wanted = self.pipeline.local_batch_size
     kept_rows, dropped = [], []
     for attempt in range(self.c.grpo.dynamic_sampling_max_batches):
       if attempt:
@@ -210,9 +227,10 @@ class Trainer:
       flat = np.asarray(zero_variance_groups(jnp.asarray(rollouts.rewards), k))
       for i, q in enumerate(queries):
         (dropped if flat[i] else kept_rows).append((q, rollouts, i))
-      if len(kept_rows) >= len(queries):
+      # Every attempt is a sampler call over all processes: they stop together, once each has its local share.
+      if distributed.allgather(np.int32(len(kept_rows) >= wanted)).all():
         break
-    chosen = (kept_rows + dropped)[:self.c.train.batch_size]  # short of varied groups: pad with flat ones (A = 0)
+    chosen = (kept_rows + dropped)[:wanted]  # short of varied groups: pad with flat ones (A = 0)
     return [q for q, _, _ in chosen], _select_groups([(r, i) for _, r, i in chosen], k)
 
   # ---- the loop -------------------------------------------------------------------------------------------------
@@ -302,6 +320,21 @@ class Trainer:
     return history
 
 
+def to_micro_batches(rows: np.ndarray, devices: int, leading: tuple[int, ...]) -> np.ndarray:
+  """(rows, ...) -> `leading` + (micro_batch, ...): the rows are `devices` contiguous blocks, one per batch device, and
+  every micro-batch takes the next chunk of each block. A row's device and micro-batch then depend only on the number
+  of batch devices, not on how many processes share them: one process with 4 devices and two with 2 each (calling this
+  with devices=2 on their halves) train on the same micro-batches."""
+  blocks = rows.reshape(devices, *leading, -1, *rows.shape[1:])
+  return np.moveaxis(blocks, 0, len(leading)).reshape(*leading, -1, *rows.shape[1:])
+
+
+def from_micro_batches(x: np.ndarray, devices: int, num_leading: int) -> np.ndarray:
+  """The inverse of `to_micro_batches`: (*leading, micro_batch, ...) -> (rows, ...) in the original row order."""
+  blocks = x.reshape(*x.shape[:num_leading], devices, -1, *x.shape[num_leading + 1:])
+  return np.moveaxis(blocks, num_leading, 0).reshape(-1, *x.shape[num_leading + 1:])
+
+
 def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
   fields = {"reward": f"{metrics['rollout/reward_mean']:.3f}",
             "zero_adv": f"{metrics['rollout/zero_advantage_fraction']:.2f}"}
@@ -311,13 +344,16 @@ def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
 
 
 def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
+  """Means over the global batch: every process's rows are gathered (groups stay whole: K rows of one process)."""
   k = rollouts.group_size
-  rewards_gk = rollouts.rewards.reshape(-1, k)
+  per_row = np.stack([rollouts.rewards, rollouts.mask.sum(axis=1)], axis=1).astype(np.float32)
+  gathered = distributed.concat_rows(per_row)
+  rewards_gk, lengths = gathered[:, 0].reshape(-1, k), gathered[:, 1].astype(np.float64)
   return {
       "rollout/reward_mean": float(rewards_gk.mean()),
       f"rollout/pass_at_{k}": float((rewards_gk > 0).any(axis=1).mean()),
       "rollout/zero_advantage_fraction": float((rewards_gk.max(axis=1) == rewards_gk.min(axis=1)).mean()),
-      "rollout/response_length": float(rollouts.mask.sum(axis=1).mean()),
+      "rollout/response_length": float(lengths.mean()),
   }
 
 
