@@ -100,11 +100,11 @@ def test_interrupted_save_leaves_the_last_complete_checkpoint(tmp_path):
   reopened.close()
 
 
-def test_relative_workdir_is_accepted(tmp_path, monkeypatch):
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
   """The demo's default workdir is relative (runs/demo_cpu); orbax itself only takes absolute paths."""
   monkeypatch.chdir(tmp_path)
-  ckpt = Checkpointer("runs/relative", async_save=False)
+  ckpt = Checkpointer("runs/relative/checkpoints", async_save=False)
   ckpt.save(1, {"params": {"w": np.arange(3.0)}, "opt_state": {}}, {"step": 1})
   ckpt.close()
   assert (tmp_path / "runs" / "relative" / "checkpoints" / "1").is_dir()
-  assert Checkpointer("runs/relative").latest_step() == 1
+  assert Checkpointer("runs/relative/checkpoints").latest_step() == 1
