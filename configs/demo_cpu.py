@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.reward.fallback = "last_number"
 
   c.train.batch_size = 16
-  c.train.epochs = 4
+  c.train.epochs = 3
   c.train.checkpoint_every = 8
   c.grpo.num_minibatches = 2
   c.grpo.micro_batch_size = 48
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.p2o.hard_min_count = 16
   c.p2o.gepa.dev_size = 32
   c.p2o.gepa.minibatch_size = 4
-  c.p2o.gepa.max_metric_calls = 600
+  c.p2o.gepa.max_metric_calls = 300
   # The tiny policy switches method on the first character of its answer: under the plain prompt a scratchpad's first
   # digit has probability ~1e-4, so the context ratio mask would zero exactly the token P^2O must move.
   c.p2o.ratio_mask = "off"
