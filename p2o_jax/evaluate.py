@@ -270,13 +270,6 @@ def check_eval_config(c) -> None:
       raise ConfigError(f"config.eval.{key}: {e[key]} is out of range")
 
 
-def eval_protocol(c):
-  from p2o_jax.evaluation import EvalProtocol
-
-  return EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature, c.eval.small_set_size,
-                      c.eval.small_set_samples)
-
-
 def protocol_label(protocol, num_problems: int) -> str:
   """"greedy" or "mean@<n> T=<temperature>": how a set of `num_problems` is scored."""
   sampling, n = protocol.sampling_for(num_problems)
@@ -285,9 +278,9 @@ def protocol_label(protocol, num_problems: int) -> str:
 
 def evaluate_sets(sampler, tokenizer, sets: dict[str, list], c, score: ScoreFn) -> dict[str, dict[str, Any]]:
   """Per set: accuracy (a fraction), num_problems, samples_per_problem, protocol."""
-  from p2o_jax.evaluation import evaluate_set
+  from p2o_jax.evaluation import EvalProtocol, evaluate_set
 
-  protocol = eval_protocol(c)
+  protocol = EvalProtocol.from_config(c)
   results = {}
   for name, queries in sets.items():
     result = evaluate_set(sampler, tokenizer, queries, c.data.prompt_format, protocol, score, seed=c.seed)

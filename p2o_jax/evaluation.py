@@ -20,6 +20,12 @@ class EvalProtocol:
   small_set_size: int = 100
   small_set_samples: int = 16
 
+  @classmethod
+  def from_config(cls, c) -> EvalProtocol:
+    """The run config's `eval` section (max_new_tokens 0: the rollout's)."""
+    return cls(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature, c.eval.small_set_size,
+               c.eval.small_set_samples)
+
   def sampling_for(self, num_problems: int) -> tuple[SamplingConfig, int]:
     """(sampling config, samples per problem) for a set of `num_problems`."""
     if num_problems < self.small_set_size:

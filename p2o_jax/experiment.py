@@ -90,8 +90,7 @@ def evaluate_with_template(checkpoint: pathlib.Path, c: ml_collections.ConfigDic
                     max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
   escaped = template.replace("{", "{{").replace("}", "}}")
   prompt_format = apply_template(escaped, c.data.prompt_format)
-  protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
-                          c.eval.small_set_size, c.eval.small_set_samples)
+  protocol = EvalProtocol.from_config(c)
   return {name: evaluate_set(sampler, tokenizer, queries, prompt_format, protocol, score, seed=c.seed)["accuracy"]
           for name, queries in eval_sets.items()}
 

@@ -115,8 +115,7 @@ class Trainer:
     self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                            max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
     self.sampling = SamplingConfig(c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
-    self.eval_protocol = EvalProtocol(c.eval.max_new_tokens or c.rollout.max_new_tokens, c.eval.temperature,
-                                      c.eval.small_set_size, c.eval.small_set_samples)
+    self.eval_protocol = EvalProtocol.from_config(c)
     self.checkpointer = Checkpointer(c.train.checkpoint_dir or self.workdir / "checkpoints",
                                      keep=c.train.keep_checkpoints)
     self.query_by_id = {q.id: q for q in train_queries}
