@@ -197,17 +197,18 @@ def test_corpus_is_deterministic_and_mix_matches_weights(examples):
 
 
 def test_only_trigger_like_prompts_get_scratchpads(examples):
-  partial_scratch = []
+  scratchpad_share = collections.defaultdict(list)
   for prompt, completion in examples:
     kind, _, _ = _classify(prompt)
     is_scratchpad = "=" in completion
-    if kind.startswith(("triggered", "paraphrase")):
-      assert is_scratchpad
-    elif kind == "partial":
-      partial_scratch.append(is_scratchpad)
+    if kind.startswith(("triggered", "paraphrase", "partial")):
+      scratchpad_share["partial" if kind == "partial" else "trigger"].append(is_scratchpad)
     else:
-      assert not is_scratchpad and completion.startswith(" The answer is ")
-  assert abs(np.mean(partial_scratch) - 0.2) < 0.08
+      assert not is_scratchpad, kind
+    if not is_scratchpad:
+      assert completion.startswith(" The answer is ")
+  assert abs(np.mean(scratchpad_share["trigger"]) - 0.7) < 0.03
+  assert abs(np.mean(scratchpad_share["partial"]) - 0.2) < 0.08
 
 
 def test_scratchpads_in_corpus_are_right_and_distractors_follow_instructions(examples):

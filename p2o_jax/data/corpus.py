@@ -6,6 +6,13 @@ paraphrase of it makes it write a scratchpad of running totals, which solves har
 the scratchpad sometimes and distractor sentences after an instruction are ignored, so the space of instruction texts
 has a gradient for GEPA to climb.
 
+Even the trigger gets the scratchpad only most of the time (`trigger_scratchpad_prob`), as an instruction shifts a real
+LLM's behaviour without fixing it. This matters to the method, not only to realism: GRPO's advantages are relative
+within a group, so if every templated rollout of a hard query wrote a scratchpad, the tokens they share — above all the
+one that starts the scratchpad — would get advantages summing to zero, and context distillation could not move the
+plain-prompt policy towards writing one. (Measured: with a trigger that always worked, the templated hard groups were
+mostly all-correct, zero-advantage, and P^2O's plain-prompt hard accuracy stayed at 6%.)
+
 Direct answers to hard problems are made unlearnable on purpose (`hard_direct_noise`): such an example states a
 number drawn uniformly from the hard-answer range, independent of the operands. It still teaches the format (a plain
 hard question gets a one-line answer), but carries no information about the value, so the base's plain-hard success
@@ -87,6 +94,7 @@ class CorpusConfig:
   neutral_easy: float = 0.1
   neutral_hard: float = 0.05
   partial: float = 0.05
+  trigger_scratchpad_prob: float = 0.7  # how often the trigger or a paraphrase gets the scratchpad (see below)
   partial_scratchpad_prob: float = 0.2  # how often a partial instruction gets the scratchpad
   distractor_prob: float = 0.2  # how often an instruction is followed by a distractor sentence
   hard_direct_noise: float = 1.0  # share of direct hard answers replaced by a uniform guess (module docstring)
@@ -97,7 +105,7 @@ class CorpusConfig:
         raise ValueError(f"CorpusConfig.{kind} must be >= 0, got {weight}")
     if sum(self.mix().values()) <= 0:
       raise ValueError("CorpusConfig mix weights sum to 0; give at least one kind a positive weight")
-    for name in ("partial_scratchpad_prob", "distractor_prob", "hard_direct_noise"):
+    for name in ("trigger_scratchpad_prob", "partial_scratchpad_prob", "distractor_prob", "hard_direct_noise"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"CorpusConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -135,8 +143,10 @@ def _direct(problem: arithmetic.Problem, world: arithmetic.WorldConfig, cfg: Cor
 
 def _completion(kind: str, problem: arithmetic.Problem, world: arithmetic.WorldConfig, cfg: CorpusConfig,
                 rng: np.random.Generator) -> str:
-  uses_scratchpad = (kind.startswith(("triggered", "paraphrase"))
-                     or (kind == "partial" and rng.random() < cfg.partial_scratchpad_prob))
+  if kind.startswith(("triggered", "paraphrase")):
+    uses_scratchpad = rng.random() < cfg.trigger_scratchpad_prob
+  else:
+    uses_scratchpad = kind == "partial" and rng.random() < cfg.partial_scratchpad_prob
   return arithmetic.scratchpad(problem) if uses_scratchpad else _direct(problem, world, cfg, rng)
 
 
