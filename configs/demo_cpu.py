@@ -3,8 +3,9 @@
 python -m p2o_jax.main --config configs/demo_cpu.py [--config.train.max_steps=4 ...] [--workdir DIR]
 
 On first use the base policy is "pre-trained" by our own SFT on the synthetic corpus (~19 minutes on 2 cores) and
-cached under .cache/p2o_jax/builtin_policy. The reflector is the OFFLINE fragment proposer (p2o_jax/p2o/offline_proposer.py): it
-edits templates by recombining instruction fragments guided by GEPA's scores; no model writes the templates.
+cached under .cache/p2o_jax/builtin_policy. The reflector is the OFFLINE fragment proposer
+(p2o_jax/p2o/offline_proposer.py): it edits templates by recombining instruction fragments guided by GEPA's scores;
+no model writes the templates.
 """
 
 import ml_collections

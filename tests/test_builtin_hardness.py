@@ -1,6 +1,6 @@
 """The demo's base policy keeps the built-in world honest: hard sums need the instruction the corpus taught.
 
-Builds the base policy configs/demo_cpu.py describes (SFT, several minutes on 2 cores) into the repository's cache
+Builds the base policy configs/demo_cpu.py describes (SFT, ~19 minutes on 2 cores) into the repository's cache
 directory, where the demo command finds it afterwards, and measures it through the path training uses: the held-out
 splits, the jitted sampler, the sandboxed verifier pool. If a change to the world, the corpus or the SFT recipe let the
 base answer hard sums directly, or stopped the trigger instruction from working, P^2O's premise would be gone; these
