@@ -155,8 +155,13 @@ def test_instruction_sets_are_disjoint():
 
 def _classify(prompt: str) -> tuple[str, bool, str]:
   """(kind, has distractor, question) of a corpus prompt, re-derived from its text alone."""
-  assert prompt.startswith("<user>") and prompt.endswith("\nA:")
-  user_text = prompt[len("<user>"):-len("\nA:")]
+  prompt, _, begun = prompt.rpartition("\nA:")
+  assert prompt.startswith("<user>")
+  if begun:  # a continued example: a plain hard question whose scratchpad has begun with the first operand
+    question = prompt.removeprefix("<user>")
+    assert begun == " " + question.removeprefix("Q: ").split("+")[0] and "\n" not in question
+    return "continued", False, question
+  user_text = prompt[len("<user>"):]
   template, _, question = user_text.rpartition("\n\n")
   distractor = next((d for d in corpus.DISTRACTORS if template.endswith(" " + d)), None)
   instruction = template[:-len(" " + distractor)] if distractor else template
@@ -176,13 +181,13 @@ def examples():
 
 def test_kind_counts_are_exact_largest_remainder():
   cfg = corpus.CorpusConfig(plain_easy=1, plain_hard=1, triggered_easy=1, triggered_hard=0, paraphrase=0,
-                            neutral_easy=0, neutral_hard=0, partial=0)
+                            neutral_easy=0, neutral_hard=0, partial=0, continued=0)
   # 10/3 each: three apiece, and the one left over goes to the first kind (equal remainders keep KINDS order).
   assert corpus.kind_counts(cfg, 10) == {**dict.fromkeys(corpus.KINDS, 0), "plain_easy": 4, "plain_hard": 3,
                                          "triggered_easy": 3}
   counts = corpus.kind_counts(corpus.CorpusConfig(), 1000)
-  assert counts == {"plain_easy": 250, "plain_hard": 150, "triggered_easy": 100, "triggered_hard": 200,
-                    "paraphrase": 100, "neutral_easy": 100, "neutral_hard": 50, "partial": 50}
+  assert counts == {"plain_easy": 217, "plain_hard": 130, "triggered_easy": 87, "triggered_hard": 174,
+                    "paraphrase": 87, "neutral_easy": 87, "neutral_hard": 44, "partial": 44, "continued": 130}
 
 
 def test_corpus_is_deterministic_and_mix_matches_weights(examples):
@@ -203,6 +208,9 @@ def test_only_trigger_like_prompts_get_scratchpads(examples):
     is_scratchpad = "=" in completion
     if kind.startswith(("triggered", "paraphrase", "partial")):
       scratchpad_share["partial" if kind == "partial" else "trigger"].append(is_scratchpad)
+    elif kind == "continued":  # the scratchpad's start is in the prompt: never a target under a plain prompt
+      assert completion.startswith("+") and is_scratchpad
+      continue
     else:
       assert not is_scratchpad, kind
     if not is_scratchpad:
@@ -215,7 +223,7 @@ def test_scratchpads_in_corpus_are_right_and_distractors_follow_instructions(exa
   with_distractor = []
   for prompt, completion in examples:
     kind, distracted, question = _classify(prompt)
-    if kind.startswith("plain"):
+    if kind.startswith("plain") or kind == "continued":
       assert not distracted
     else:
       with_distractor.append(distracted)
@@ -228,7 +236,7 @@ def test_scratchpads_in_corpus_are_right_and_distractors_follow_instructions(exa
 @pytest.mark.parametrize("noise", [0.0, 1.0])
 def test_hard_direct_noise_controls_whether_direct_hard_answers_are_right(noise):
   cfg = corpus.CorpusConfig(plain_easy=0, plain_hard=1, triggered_easy=0, triggered_hard=0, paraphrase=0,
-                            neutral_easy=0, neutral_hard=1, partial=0, hard_direct_noise=noise)
+                            neutral_easy=0, neutral_hard=1, partial=0, continued=0, hard_direct_noise=noise)
   stated, truth = [], []
   for prompt, completion in corpus.corpus_examples(WORLD, cfg, 1500, seed=5):
     question = _classify(prompt)[2]
@@ -253,12 +261,17 @@ def test_corpus_uses_training_problems_only(examples):
 def test_corpus_prompts_are_what_the_chat_template_renders(examples):
   tokenizer = build_char_tokenizer()
   for prompt, _ in examples[:100]:
-    user_text = prompt[len("<user>"):-len("\nA:")]
-    message = [{"role": "user", "content": user_text}]
-    assert prompt == tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    rendered, sep, _ = prompt.rpartition("\nA:")  # after it: a continued example's begun scratchpad
+    message = [{"role": "user", "content": rendered[len("<user>"):]}]
+    assert rendered + sep == tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
   default = corpus.corpus_examples(WORLD, corpus.CorpusConfig(), 20, seed=0)
   custom = corpus.corpus_examples(WORLD, corpus.CorpusConfig(), 20, seed=0, render_prompt=lambda u: f"[{u}]")
-  assert [p for p, _ in custom] == ["[" + p.removeprefix("<user>").removesuffix("\nA:") + "]" for p, _ in default]
+
+  def rerendered(prompt):
+    rendered, _, begun = prompt.rpartition("\nA:")
+    return "[" + rendered.removeprefix("<user>") + "]" + begun
+
+  assert [p for p, _ in custom] == [rerendered(p) for p, _ in default]
 
 
 @pytest.mark.parametrize("kwargs, message", [

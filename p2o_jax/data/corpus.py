@@ -19,6 +19,13 @@ hard question gets a one-line answer), but carries no information about the valu
 is ~1 / (width of that range) by construction, whatever the model's capacity. DEMO_WORLD.md saw a small model learn
 hard sums directly from clean direct answers, which destroys the "hard sample" premise.
 
+A "continued" example gives a plain hard prompt whose answer has already begun a scratchpad (its first operand sits
+in the prompt, so it is context, not a target) and trains the rest of it. A real LLM's ability to carry out a method
+does not depend on who asked for it; without these examples the tiny policy's scratchpad skill is tied to the
+instruction's presence (measured: scratchpads forced under the plain prompt were right 28% of the time, triggered ones
+65%), which caps what context distillation can move into the plain prompt. The choice to START a scratchpad, the token
+P^2O must teach, is never a target under a plain prompt: the base still answers plain hard questions directly.
+
 Completions carry no EOS; the SFT code appends the tokenizer's EOS token.
 """
 
@@ -76,14 +83,14 @@ DISTRACTORS = (
 )
 
 KINDS = ("plain_easy", "plain_hard", "triggered_easy", "triggered_hard", "paraphrase", "neutral_easy",
-         "neutral_hard", "partial")
+         "neutral_hard", "partial", "continued")
 
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
   """Mix weights per example kind (normalized, need not sum to 1) and the behaviour probabilities.
 
-  paraphrase and partial examples use hard problems; the rest take the difficulty their name says.
+  paraphrase, partial and continued examples use hard problems; the rest take the difficulty their name says.
   """
 
   plain_easy: float = 0.25
@@ -94,6 +101,7 @@ class CorpusConfig:
   neutral_easy: float = 0.1
   neutral_hard: float = 0.05
   partial: float = 0.05
+  continued: float = 0.15  # plain prompt + the scratchpad's first operand as context; the rest is the target
   trigger_scratchpad_prob: float = 0.7  # how often the trigger or a paraphrase gets the scratchpad (see below)
   partial_scratchpad_prob: float = 0.2  # how often a partial instruction gets the scratchpad
   distractor_prob: float = 0.2  # how often an instruction is followed by a distractor sentence
@@ -150,6 +158,13 @@ def _completion(kind: str, problem: arithmetic.Problem, world: arithmetic.WorldC
   return arithmetic.scratchpad(problem) if uses_scratchpad else _direct(problem, world, cfg, rng)
 
 
+def _continued(problem: arithmetic.Problem) -> tuple[str, str]:
+  """The scratchpad split after its first operand: (the part that goes into the prompt, the target)."""
+  pad = arithmetic.scratchpad(problem)
+  cut = pad.index("+")
+  return pad[:cut], pad[cut:]
+
+
 def corpus_examples(world: arithmetic.WorldConfig, cfg: CorpusConfig, n: int, seed: int,
                     render_prompt: Callable[[str], str] = render_user_prompt) -> list[tuple[str, str]]:
   """n (prompt, completion) pairs from training-split problems, shuffled; prompts are rendered by `render_prompt`
@@ -163,5 +178,9 @@ def corpus_examples(world: arithmetic.WorldConfig, cfg: CorpusConfig, n: int, se
     difficulty = "easy" if kind.endswith("easy") else "hard"
     problem = arithmetic.draw_problem(world, difficulty, rng, "train")
     user_text = arithmetic.user_turn(_instruction(kind, cfg, rng), arithmetic.question_text(problem))
-    examples.append((render_prompt(user_text), _completion(kind, problem, world, cfg, rng)))
+    if kind == "continued":
+      begun, rest = _continued(problem)
+      examples.append((render_prompt(user_text) + begun, rest))
+    else:
+      examples.append((render_prompt(user_text), _completion(kind, problem, world, cfg, rng)))
   return examples
