@@ -19,6 +19,7 @@ from p2o_jax.metrics import METRICS_FILENAME, read_metrics
 
 REPORT_FILENAME = "report.md"
 GEPA_STATE = pathlib.Path("p2o") / "gepa_progress.json"
+SEARCH_BESTS = pathlib.Path("p2o") / "search_bests.json"
 
 
 def set_accuracies(eval_metrics: Mapping[str, float]) -> dict[str, float]:
@@ -36,6 +37,24 @@ def ranked_templates(workdir: str | pathlib.Path) -> list[tuple[str, float]]:
   means = np.asarray(state["scores_cd"], dtype=float).mean(axis=1)
   order = np.argsort(-means, kind="stable")
   return [(state["candidates"][i], float(means[i])) for i in order]
+
+
+def search_bests(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Each GEPA search's best template, [{"epoch", "template", "dev"}] in epoch order; [] when GEPA never ran."""
+  path = pathlib.Path(workdir) / SEARCH_BESTS
+  if not path.is_file():
+    return []
+  return [{"epoch": int(epoch), **best} for epoch, best in sorted(json.loads(path.read_text()).items(),
+                                                                  key=lambda item: int(item[0]))]
+
+
+def best_with_template(results: list[dict[str, Any]]) -> dict[str, float]:
+  """Per eval set, the starting policy's best accuracy over the templates tried ({"accuracy": {set: value}} each)."""
+  best: dict[str, float] = {}
+  for result in results:
+    for name, value in result["accuracy"].items():
+      best[name] = max(best.get(name, value), value)
+  return best
 
 
 def gepa_seconds(workdir: str | pathlib.Path) -> float:
@@ -64,6 +83,21 @@ def distillation_efficiency(trained: Mapping[str, float], with_template: Mapping
           if name in trained and with_template[name] > 0}
 
 
+def _templates_section(workdir: pathlib.Path, search_results: list[dict[str, Any]]) -> list[str]:
+  templates = ranked_templates(workdir)
+  if not templates:
+    return []
+  lines = ["", "## Templates GEPA found", ""]
+  if search_results:
+    lines += ["Best of each search (mean dev score; the starting policy's accuracy with it):", ""]
+    lines += [f"- after epoch {r['epoch']} ({r['dev']:.2f}): {r['template'] or '(empty template)'} — "
+              + ", ".join(f"{name} {_percent(value)}" for name, value in sorted(r["accuracy"].items()))
+              for r in search_results]
+    lines += ["", "Last search, best mean dev score first:", ""]
+  lines += [f"{i + 1}. ({score:.2f}) {text or '(empty template)'}" for i, (text, score) in enumerate(templates[:5])]
+  return lines + ["", f"All candidates, per epoch: {workdir / 'templates'}"]
+
+
 def render_report(workdir: str | pathlib.Path, history: Mapping[str, Any], wall_seconds: float,
                   with_template: Mapping[str, float] | None = None) -> str:
   workdir = pathlib.Path(workdir)
@@ -76,11 +110,7 @@ def render_report(workdir: str | pathlib.Path, history: Mapping[str, Any], wall_
   if efficiency:
     lines += ["", "Distillation efficiency (trained plain / starting + best template): "
               + ", ".join(f"{name} {value:.2f}" for name, value in sorted(efficiency.items()))]
-  templates = ranked_templates(workdir)
-  if templates:
-    lines += ["", "## Templates GEPA found (last search, best mean dev score first)", ""]
-    lines += [f"{i + 1}. ({score:.2f}) {text or '(empty template)'}" for i, (text, score) in enumerate(templates[:5])]
-    lines += ["", f"All candidates, per epoch: {workdir / 'templates'}"]
+  lines += _templates_section(workdir, history.get("base_with_search_bests", []))
   gepa = gepa_seconds(workdir)
   lines += ["", "## Time", "", f"Wall time {wall_seconds:.0f} s"
             + (f"; GEPA {gepa:.0f} s ({100 * gepa / max(wall_seconds, 1e-9):.1f}%)" if gepa else "")]

@@ -14,7 +14,7 @@ import pytest
 from conftest import DEMO_CONFIG
 from p2o_jax import sharding
 from p2o_jax.data.corpus import PARTIAL_INSTRUCTIONS, TRIGGER_INSTRUCTION
-from p2o_jax.experiment import evaluate_with_template, load_data, resolve_checkpoint
+from p2o_jax.experiment import evaluate_with_templates, load_data, resolve_checkpoint
 from p2o_jax.rewards.pool import VerifierPool
 
 
@@ -42,7 +42,7 @@ def measure():
         run_config.eval.small_set_size = 10**6
         run_config.eval.small_set_samples = c.rollout.num_samples
         run_config.eval.temperature = c.rollout.temperature
-      return evaluate_with_template(checkpoint, run_config, mesh, eval_sets, template, verifier.score)
+      return evaluate_with_templates(checkpoint, run_config, mesh, eval_sets, [template], verifier.score)[0]
 
     yield run
 

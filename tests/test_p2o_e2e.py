@@ -81,9 +81,12 @@ def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(poli
   trainer.hooks.contexts = spy
   trainer.run()
   records = read_metrics(tmp_path / "metrics.jsonl")
+  epoch_ends = [r for r in records if "p2o/epoch_hard_set_size" in r]
   gepa_records = [r for r in records if "p2o/gepa_iterations" in r]
-  assert len(gepa_records) == 2  # one search after each epoch
+  # A search after epoch 0; none after the last epoch, whose templates no epoch would use.
+  assert len(epoch_ends) == 2 and gepa_records == epoch_ends[:1]
   assert all(r["p2o/epoch_hard_set_size"] >= 2 and r["p2o/gepa_iterations"] >= 1 for r in gepa_records)
+  assert not (tmp_path / "templates" / "epoch_001.md").exists()
   first = gepa_records[0]
   assert first["p2o/gepa_metric_calls"] <= 400 + 4 * (2 * 1 + 4)  # budget + at most one iteration's worst case
   assert (tmp_path / "templates" / "epoch_000.md").read_text().startswith("# GEPA after epoch 0")
@@ -96,13 +99,12 @@ def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(poli
     assert any(g.endswith("\n\n" + t) and g != t for g, t in zip(ctx.generate, ctx.train))
   epoch1 = [r for r in records if r.get("epoch") == 1.0 and "p2o/ratio_masked_token_fraction" in r]
   assert epoch1 and all(0.0 <= r["p2o/ratio_masked_token_fraction"] <= 1.0 for r in epoch1)
-  assert "p2o/templated_success" in gepa_records[1]
+  assert "p2o/templated_success" in epoch_ends[1]
 
 
 def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
   """Stop the run inside GEPA after its first iteration; a new trainer continues that search, not the epoch."""
   c = p2o_config(tmp_path, policy_dir)
-  c.train.epochs = 1
   trainer = make_trainer(c, policy_dir, QUERIES)
 
   class Stop(Exception):
@@ -130,7 +132,7 @@ def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
   # The resumed search continued the saved one: its first iteration's record is the interrupted run's.
   assert final["state"]["history"][0] == progress["state"]["history"][0]
   steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "rollout/reward_mean" in r]
-  assert steps == [1, 2]  # the epoch's steps ran once; the resumed run did not repeat them
+  assert steps == [1, 2, 3, 4]  # epoch 0's steps ran once; the resumed run did not repeat them
 
 
 def test_self_ref_reflects_with_the_initial_policy_not_the_trained_one(policy_dir, tmp_path):

@@ -49,6 +49,24 @@ def test_report_shows_accuracies_efficiency_templates_and_gepa_time_share(tmp_pa
   assert report.write_report(tmp_path, text).read_text() == text
 
 
+def test_every_search_best_is_read_in_epoch_order_and_the_reference_is_the_best_per_set(tmp_path):
+  path = tmp_path / report.SEARCH_BESTS
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps({"10": {"template": "Keep a running total.", "dev": 0.25},
+                              "2": {"template": "Add the numbers and write every running total.", "dev": 0.41}}))
+  bests = report.search_bests(tmp_path)
+  assert [(b["epoch"], b["dev"]) for b in bests] == [(2, 0.41), (10, 0.25)]  # numeric, not string, order
+  assert report.search_bests(tmp_path / "no_gepa_here") == []
+  results = [{**bests[0], "accuracy": {"builtin_hard": 0.6, "builtin_easy": 0.9}},
+             {**bests[1], "accuracy": {"builtin_hard": 0.2, "builtin_easy": 0.95}}]
+  assert report.best_with_template(results) == {"builtin_hard": 0.6, "builtin_easy": 0.95}
+  _write_gepa_state(tmp_path, ["", "Keep a running total."], [[0, 0], [1, 0]])
+  text = report.render_report(tmp_path, {"base_with_search_bests": results}, wall_seconds=1.0)
+  assert ("- after epoch 2 (0.41): Add the numbers and write every running total. — builtin_easy 90.0%, "
+          "builtin_hard 60.0%") in text
+  assert "- after epoch 10 (0.25): Keep a running total." in text and "1. (0.50) Keep a running total." in text
+
+
 def test_distillation_efficiency_skips_sets_without_a_templated_score():
   assert report.distillation_efficiency({"a": 0.5, "b": 0.2}, {"a": 0.625, "b": 0.0}) == {"a": 0.8}
 

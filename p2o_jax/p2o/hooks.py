@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from p2o_jax import distributed
+from p2o_jax import distributed, report
 from p2o_jax.data.records import Query
 from p2o_jax.p2o import gepa
 from p2o_jax.p2o.assignment import assign_templates, greedy_set_cover, solved_sets
@@ -64,6 +64,13 @@ class _OnProcessZero:
     replies, state = distributed.broadcast_json([replies, self.state()])
     self.restore(state)
     return replies
+
+
+def _write_json_atomically(path: pathlib.Path, payload: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(payload))
+  os.replace(tmp, path)
 
 
 def make_reflector(c, trainer: Trainer):
@@ -190,6 +197,10 @@ class P2OHooks(TrainerHooks):
     hard_ids = self.tracker.ids
     self.tracker.reset()
     metrics["p2o/epoch_hard_set_size"] = float(len(hard_ids))
+    if step >= trainer.total_steps:  # templates live one epoch, and none follows: a search would be wasted time
+      log.info("epoch %d was the last: no GEPA after it", epoch)
+      self.assignment = {}
+      return metrics
     if len(hard_ids) < max(self.p.hard_min_count, 2):
       log.info("epoch %d: %d hard queries (< hard_min_count=%d): no GEPA, no templates next epoch", epoch,
                len(hard_ids), self.p.hard_min_count)
@@ -219,12 +230,8 @@ class P2OHooks(TrainerHooks):
   def _save_progress(self, trainer: Trainer, state: gepa.GepaState) -> None:
     if jax.process_index() != 0:
       return
-    path = self._progress_path(trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**self.pending, "state": state.to_dict(), "reflector": self.reflector.state()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)  # atomic: a kill leaves the previous iteration's state
+    _write_json_atomically(self._progress_path(trainer), payload)  # a kill leaves the previous iteration's state
 
   def _finish_gepa(self, trainer: Trainer) -> dict[str, float]:
     start = time.perf_counter()
@@ -248,6 +255,7 @@ class P2OHooks(TrainerHooks):
     self.gepa_seconds += seconds
     self._write_templates(trainer, epoch, state, hard_ids)
     best = gepa.best_candidate(state)
+    self._record_best(trainer, epoch, state.candidates[best], float(state.scores_cd[best].mean()))
     return {"p2o/gepa_iterations": float(state.iteration), "p2o/gepa_metric_calls": float(state.metric_calls),
             "p2o/gepa_candidates": float(len(state.candidates)), "p2o/gepa_best_dev": float(
                 state.scores_cd[best].mean()), "p2o/gepa_seed_dev": float(state.scores_cd[0].mean()),
@@ -279,6 +287,15 @@ class P2OHooks(TrainerHooks):
     out = trainer.workdir / "templates" / f"epoch_{epoch:03d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+
+  def _record_best(self, trainer: Trainer, epoch: int, template: str, dev_score: float) -> None:
+    """Every search's best template, kept in one file (the GEPA progress file holds only the latest search)."""
+    if jax.process_index() != 0:
+      return
+    path = trainer.workdir / report.SEARCH_BESTS
+    bests = json.loads(path.read_text()) if path.is_file() else {}
+    bests[str(epoch)] = {"template": template, "dev": dev_score}  # by epoch: a resumed search rewrites its entry
+    _write_json_atomically(path, bests)
 
   # ---- checkpointed state -------------------------------------------------------------------------------------
 
