@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The built-in task (data.source="builtin") and its base policy (model.checkpoint="builtin"): the arithmetic world
   # (p2o_jax/data/arithmetic.py) and the tiny Qwen2 model SFT-trained on its corpus, cached per distinct setting.
   c.builtin = dict(easy_operands=(2, 2), easy_digits=(2, 3), hard_operands=(4, 6), hard_digits=(2, 2),
-                   held_out_fraction=0.1, lsb_first=True, easy_as_step=False,
+                   held_out_fraction=0.1, lsb_first=True, easy_as_step=False, scratchpad_format="running_totals",
                    num_layers=4, hidden_size=128, sft_steps=1000, sft_lr=2e-3, sft_rows=16,
                    sft_row_len=256, sft_examples=50_000, sft_seed=0)  # one base for every run seed
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
@@ -154,7 +154,7 @@ def builtin_world(c: ml_collections.ConfigDict) -> arithmetic.WorldConfig:
     return arithmetic.WorldConfig(easy_operands=b.easy_operands, easy_digits=b.easy_digits,
                                   hard_operands=b.hard_operands, hard_digits=b.hard_digits,
                                   held_out_fraction=b.held_out_fraction, lsb_first=b.lsb_first,
-                                  easy_as_step=b.easy_as_step)
+                                  easy_as_step=b.easy_as_step, scratchpad_format=b.scratchpad_format)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.builtin: {e}") from None
 

@@ -127,6 +127,44 @@ def test_scratchpad_arithmetic_is_correct_and_ends_with_the_answer():
     assert _last_number(arithmetic.direct_answer(p)) == p.answer
 
 
+def test_rewrite_scratchpad_hand_computed():
+  p = arithmetic.make_problem((12, 34, 56, 78), "hard")
+  assert arithmetic.scratchpad(p, "rewrite") == " 12+34+56+78=46+56+78=102+78=180. The answer is 180"
+  assert arithmetic.scratchpad(arithmetic.make_problem((5, 7), "easy"), "rewrite") == " 5+7=12. The answer is 12"
+  lsb = arithmetic.make_problem((12, 34, 56, 78), "hard", lsb_first=True)
+  assert arithmetic.scratchpad(lsb, "rewrite") == " 21+43+65+87=64+65+87=201+87=081. The answer is 081"
+
+
+def test_rewrite_scratchpad_rows_are_the_remaining_sum_with_its_first_two_numbers_added():
+  for p in arithmetic.sample_problems(WORLD, "hard", 500, seed=4):
+    text = arithmetic.scratchpad(p, "rewrite")
+    work, _, sentence = text.partition(".")
+    rows = [[int(x) for x in row.split("+")] for row in work.strip().split("=")]
+    assert rows[0] == list(p.operands) and rows[-1] == [p.answer]
+    for before, after in zip(rows, rows[1:]):
+      assert after == [before[0] + before[1]] + before[2:]
+    assert _last_number(sentence) == p.answer
+
+
+def test_unknown_scratchpad_format_is_rejected():
+  with pytest.raises(ValueError, match="scratchpad_format must be one of"):
+    WorldConfig(scratchpad_format="tally")
+  with pytest.raises(ValueError, match="scratchpad format must be one of"):
+    arithmetic.scratchpad(arithmetic.make_problem((1, 2), "easy"), "tally")
+
+
+def test_corpus_writes_scratchpads_in_the_worlds_format():
+  world = WorldConfig(scratchpad_format="rewrite", lsb_first=True)
+  cfg = corpus.CorpusConfig(plain_easy=0, plain_hard=0, triggered_easy=0, triggered_hard=1, paraphrase=0,
+                            neutral_easy=0, neutral_hard=0, partial=0, continued=1, trigger_scratchpad_prob=1.0)
+  for prompt, completion in corpus.corpus_examples(world, cfg, 200, seed=0):
+    head, _, begun = prompt.rpartition("\nA:")
+    question = head.rpartition("\n")[2].removeprefix("<user>")
+    operands = tuple(int(x[::-1]) for x in question.removeprefix("Q: ").removesuffix("=").split("+"))
+    pad = arithmetic.scratchpad(arithmetic.make_problem(operands, "hard", lsb_first=True), "rewrite")
+    assert begun + completion == pad  # continued examples: the begun part plus the target is the whole scratchpad
+
+
 @pytest.mark.parametrize("difficulty, split, message", [("medium", "train", "difficulty must be one of"),
                                                         ("easy", "test", "split must be one of")])
 def test_sampling_rejects_unknown_difficulty_or_split(difficulty, split, message):

@@ -26,6 +26,7 @@ Difficulty = Literal["easy", "hard"]
 Split = Literal["train", "held_out"]
 DIFFICULTIES: tuple[Difficulty, ...] = ("easy", "hard")
 SPLITS: tuple[Split, ...] = ("train", "held_out")
+SCRATCHPAD_FORMATS = ("running_totals", "rewrite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,9 @@ class WorldConfig:
   # Easy problems shaped like one scratchpad step: a running total (easy_digits) plus one hard-size operand
   # (hard_digits). Far fewer distinct sums than two easy_digits operands, so the tiny policy masters them sooner.
   easy_as_step: bool = False
+  # How a scratchpad is written (see `scratchpad`): "running_totals" ("2+1=3, 3+1=4, 4+5=9") or "rewrite"
+  # ("2+1+1+5=3+1+5=4+5=9", every step the remaining sum with its first two numbers added).
+  scratchpad_format: str = "running_totals"
 
   def __post_init__(self):
     for name in ("easy_operands", "easy_digits", "hard_operands", "hard_digits"):
@@ -88,6 +92,7 @@ class WorldConfig:
     if largest_operand(self.easy_digits[1]) < top_running_total:
       raise ValueError(f"WorldConfig.easy_digits {self.easy_digits} cannot cover hard running totals up to "
                        f"{top_running_total}; raise easy_digits or lower hard_operands/hard_digits")
+    _check_choice("WorldConfig.scratchpad_format", self.scratchpad_format, SCRATCHPAD_FORMATS)
     if not 0.0 < self.held_out_fraction < 1.0:
       raise ValueError(f"WorldConfig.held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
 
@@ -204,11 +209,25 @@ def direct_answer(problem: Problem) -> str:
   return answer_sentence(problem.answer, problem.lsb_first)
 
 
-def scratchpad(problem: Problem) -> str:
-  """Running totals, one 2-operand sum per step, then the answer sentence (so the answer is the last number)."""
+def scratchpad(problem: Problem, fmt: str = "running_totals") -> str:
+  """The worked solution, then the answer sentence (so the answer is the last number), in one of two formats.
+
+  "running_totals": one 2-operand sum per step, " 2+1=3, 3+1=4, 4+5=9." Each step must fetch the next operand from
+  the question by its index, a lookup the demo's tiny plain transformer gets wrong on about half the hard sums.
+  "rewrite": the whole sum, then after each "=" the remaining sum with its first two numbers replaced by their total,
+  " 2+1+1+5=3+1+5=4+5=9." Every step is an easy problem (the two leading numbers) plus a copy of the text just
+  before it, so nothing needs a lookup by position.
+  """
+  _check_choice("scratchpad format", fmt, SCRATCHPAD_FORMATS)
+
   def num(value: int) -> str:
     return write_number(value, problem.lsb_first)
 
+  if fmt == "rewrite":
+    totals = np.cumsum(problem.operands).tolist()
+    rows = ["+".join([num(totals[i])] + [num(x) for x in problem.operands[i + 1:]])
+            for i in range(len(problem.operands))]
+    return " " + "=".join(rows) + "." + answer_sentence(totals[-1], problem.lsb_first)
   total, steps = problem.operands[0], []
   for operand in problem.operands[1:]:
     steps.append(f"{num(total)}+{num(operand)}={num(total + operand)}")

@@ -155,12 +155,14 @@ def _completion(kind: str, problem: arithmetic.Problem, world: arithmetic.WorldC
     uses_scratchpad = rng.random() < cfg.trigger_scratchpad_prob
   else:
     uses_scratchpad = kind == "partial" and rng.random() < cfg.partial_scratchpad_prob
-  return arithmetic.scratchpad(problem) if uses_scratchpad else _direct(problem, world, cfg, rng)
+  if uses_scratchpad:
+    return arithmetic.scratchpad(problem, world.scratchpad_format)
+  return _direct(problem, world, cfg, rng)
 
 
-def _continued(problem: arithmetic.Problem) -> tuple[str, str]:
+def _continued(problem: arithmetic.Problem, world: arithmetic.WorldConfig) -> tuple[str, str]:
   """The scratchpad split after its first operand: (the part that goes into the prompt, the target)."""
-  pad = arithmetic.scratchpad(problem)
+  pad = arithmetic.scratchpad(problem, world.scratchpad_format)
   cut = pad.index("+")
   return pad[:cut], pad[cut:]
 
@@ -179,7 +181,7 @@ def corpus_examples(world: arithmetic.WorldConfig, cfg: CorpusConfig, n: int, se
     problem = arithmetic.draw_problem(world, difficulty, rng, "train")
     user_text = arithmetic.user_turn(_instruction(kind, cfg, rng), arithmetic.question_text(problem))
     if kind == "continued":
-      begun, rest = _continued(problem)
+      begun, rest = _continued(problem, world)
       examples.append((render_prompt(user_text) + begun, rest))
     else:
       examples.append((render_prompt(user_text), _completion(kind, problem, world, cfg, rng)))
