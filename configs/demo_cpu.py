@@ -22,9 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   # easy = one scratchpad step (a running total plus one digit). See p2o_jax/data/arithmetic.py.
   c.builtin.lsb_first, c.builtin.easy_as_step = True, True
   c.builtin.easy_digits, c.builtin.hard_digits, c.builtin.held_out_fraction = (1, 2), (1, 1), 0.2
-  # Scratchpads rewrite the remaining sum ("2+1+1+5=3+1+5=4+5=9"): with "running_totals" the base must fetch each
-  # operand from the question by position and the taught instruction solved only 39% of held-out hard sums.
-  c.builtin.scratchpad_format = "rewrite"
+  # Every scratchpad step lists the operands still to add ("2+1=3 [1+5], 3+1=4 [5], 4+5=9"): with "running_totals"
+  # the base must fetch each operand from the question by position, and the taught instruction solved only 39% of
+  # held-out hard sums (mostly miscopied operands).
+  c.builtin.scratchpad_format = "with_rest"
   # Held-out easy sums and triggered hard sums reach ~95-100% between SFT steps 1200 and 1500 (a sharp transition:
   # at step 900 the base still copied operands wrongly); ~18 minutes on 2 idle cores, once, then cached.
   c.builtin.sft_steps = 1500

@@ -127,23 +127,28 @@ def test_scratchpad_arithmetic_is_correct_and_ends_with_the_answer():
     assert _last_number(arithmetic.direct_answer(p)) == p.answer
 
 
-def test_rewrite_scratchpad_hand_computed():
+def test_with_rest_scratchpad_hand_computed():
   p = arithmetic.make_problem((12, 34, 56, 78), "hard")
-  assert arithmetic.scratchpad(p, "rewrite") == " 12+34+56+78=46+56+78=102+78=180. The answer is 180"
-  assert arithmetic.scratchpad(arithmetic.make_problem((5, 7), "easy"), "rewrite") == " 5+7=12. The answer is 12"
+  assert arithmetic.scratchpad(p, "with_rest") == (" 12+34=46 [56+78], 46+56=102 [78], 102+78=180."
+                                                   " The answer is 180")
+  assert arithmetic.scratchpad(arithmetic.make_problem((5, 7), "easy"), "with_rest") == " 5+7=12. The answer is 12"
   lsb = arithmetic.make_problem((12, 34, 56, 78), "hard", lsb_first=True)
-  assert arithmetic.scratchpad(lsb, "rewrite") == " 21+43+65+87=64+65+87=201+87=081. The answer is 081"
+  assert arithmetic.scratchpad(lsb, "with_rest") == (" 21+43=64 [65+87], 64+65=201 [87], 201+87=081."
+                                                     " The answer is 081")
 
 
-def test_rewrite_scratchpad_rows_are_the_remaining_sum_with_its_first_two_numbers_added():
+def test_with_rest_scratchpad_steps_are_running_totals_and_list_the_operands_still_to_add():
   for p in arithmetic.sample_problems(WORLD, "hard", 500, seed=4):
-    text = arithmetic.scratchpad(p, "rewrite")
-    work, _, sentence = text.partition(".")
-    rows = [[int(x) for x in row.split("+")] for row in work.strip().split("=")]
-    assert rows[0] == list(p.operands) and rows[-1] == [p.answer]
-    for before, after in zip(rows, rows[1:]):
-      assert after == [before[0] + before[1]] + before[2:]
-    assert _last_number(sentence) == p.answer
+    text = arithmetic.scratchpad(p, "with_rest")
+    steps = text.partition(".")[0].strip().split(", ")
+    assert len(steps) == len(p.operands) - 1
+    running = p.operands[0]
+    for i, step in enumerate(steps, start=1):
+      total_sum, _, rest = step.partition(" [")
+      assert _steps(total_sum) == [(running, p.operands[i], running + p.operands[i])]
+      assert [int(x) for x in rest.removesuffix("]").split("+") if x] == list(p.operands[i + 1:])
+      running += p.operands[i]
+    assert _last_number(text) == p.answer
 
 
 def test_unknown_scratchpad_format_is_rejected():
@@ -154,14 +159,14 @@ def test_unknown_scratchpad_format_is_rejected():
 
 
 def test_corpus_writes_scratchpads_in_the_worlds_format():
-  world = WorldConfig(scratchpad_format="rewrite", lsb_first=True)
+  world = WorldConfig(scratchpad_format="with_rest", lsb_first=True)
   cfg = corpus.CorpusConfig(plain_easy=0, plain_hard=0, triggered_easy=0, triggered_hard=1, paraphrase=0,
                             neutral_easy=0, neutral_hard=0, partial=0, continued=1, trigger_scratchpad_prob=1.0)
   for prompt, completion in corpus.corpus_examples(world, cfg, 200, seed=0):
     head, _, begun = prompt.rpartition("\nA:")
     question = head.rpartition("\n")[2].removeprefix("<user>")
     operands = tuple(int(x[::-1]) for x in question.removeprefix("Q: ").removesuffix("=").split("+"))
-    pad = arithmetic.scratchpad(arithmetic.make_problem(operands, "hard", lsb_first=True), "rewrite")
+    pad = arithmetic.scratchpad(arithmetic.make_problem(operands, "hard", lsb_first=True), "with_rest")
     assert begun + completion == pad  # continued examples: the begun part plus the target is the whole scratchpad
 
 

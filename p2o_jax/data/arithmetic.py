@@ -26,7 +26,7 @@ Difficulty = Literal["easy", "hard"]
 Split = Literal["train", "held_out"]
 DIFFICULTIES: tuple[Difficulty, ...] = ("easy", "hard")
 SPLITS: tuple[Split, ...] = ("train", "held_out")
-SCRATCHPAD_FORMATS = ("running_totals", "rewrite")
+SCRATCHPAD_FORMATS = ("running_totals", "with_rest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,8 @@ class WorldConfig:
   # Easy problems shaped like one scratchpad step: a running total (easy_digits) plus one hard-size operand
   # (hard_digits). Far fewer distinct sums than two easy_digits operands, so the tiny policy masters them sooner.
   easy_as_step: bool = False
-  # How a scratchpad is written (see `scratchpad`): "running_totals" ("2+1=3, 3+1=4, 4+5=9") or "rewrite"
-  # ("2+1+1+5=3+1+5=4+5=9", every step the remaining sum with its first two numbers added).
+  # How a scratchpad is written (see `scratchpad`): "running_totals" ("2+1=3, 3+1=4, 4+5=9") or "with_rest"
+  # ("2+1=3 [1+5], 3+1=4 [5], 4+5=9": every step also lists the operands still to add).
   scratchpad_format: str = "running_totals"
 
   def __post_init__(self):
@@ -213,24 +213,23 @@ def scratchpad(problem: Problem, fmt: str = "running_totals") -> str:
   """The worked solution, then the answer sentence (so the answer is the last number), in one of two formats.
 
   "running_totals": one 2-operand sum per step, " 2+1=3, 3+1=4, 4+5=9." Each step must fetch the next operand from
-  the question by its index, a lookup the demo's tiny plain transformer gets wrong on about half the hard sums.
-  "rewrite": the whole sum, then after each "=" the remaining sum with its first two numbers replaced by their total,
-  " 2+1+1+5=3+1+5=4+5=9." Every step is an easy problem (the two leading numbers) plus a copy of the text just
-  before it, so nothing needs a lookup by position.
+  the question by its index, a lookup the demo's tiny plain transformer got wrong on most hard sums.
+  "with_rest": each step also lists the operands still to add, " 2+1=3 [1+5], 3+1=4 [5], 4+5=9." The next operand
+  is then the first number in the brackets just written, and every sum sits right after its two addends, so no step
+  needs a lookup by position or an addition at a distance.
   """
   _check_choice("scratchpad format", fmt, SCRATCHPAD_FORMATS)
 
   def num(value: int) -> str:
     return write_number(value, problem.lsb_first)
 
-  if fmt == "rewrite":
-    totals = np.cumsum(problem.operands).tolist()
-    rows = ["+".join([num(totals[i])] + [num(x) for x in problem.operands[i + 1:]])
-            for i in range(len(problem.operands))]
-    return " " + "=".join(rows) + "." + answer_sentence(totals[-1], problem.lsb_first)
   total, steps = problem.operands[0], []
-  for operand in problem.operands[1:]:
-    steps.append(f"{num(total)}+{num(operand)}={num(total + operand)}")
+  for i, operand in enumerate(problem.operands[1:], start=2):
+    step = f"{num(total)}+{num(operand)}={num(total + operand)}"
+    rest = problem.operands[i:]
+    if fmt == "with_rest" and rest:
+      step += " [" + "+".join(map(num, rest)) + "]"
+    steps.append(step)
     total += operand
   return " " + ", ".join(steps) + "." + answer_sentence(total, problem.lsb_first)
 
