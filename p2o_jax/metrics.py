@@ -242,12 +242,14 @@ class Progress:
   so tests can drive time.
   """
 
-  def __init__(self, total_steps: int, *, desc: str, enabled: bool = True, stream: TextIO = sys.stderr,
+  def __init__(self, total_steps: int, *, desc: str, enabled: bool = True, stream: TextIO | None = None,
                start_step: int = 0, log_interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
     if total_steps <= 0:
       raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if not 0 <= start_step <= total_steps:
       raise ValueError(f"start_step must be in [0, {total_steps}], got {start_step}")
+    # sys.stderr as it is now, not when this module was imported (it may have been redirected since).
+    stream = sys.stderr if stream is None else stream
     self.total_steps, self.desc, self.enabled, self.stream = total_steps, desc, enabled, stream
     self.log_interval_s, self._clock = log_interval_s, clock
     self._is_tty = enabled and stream.isatty()

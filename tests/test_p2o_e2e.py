@@ -3,6 +3,7 @@ rolls out templated groups that are trained on the plain prompt; a run killed du
 
 import hashlib
 import json
+import re
 
 import jax
 import numpy as np
@@ -67,7 +68,7 @@ def make_trainer(c, policy_dir, queries):
 QUERIES = [Query(f"q{i}", f"Q: {10 + i}+{20 + 3 * i}=", str(30 + 4 * i)) for i in range(8)]
 
 
-def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(policy_dir, tmp_path):
+def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(policy_dir, tmp_path, capsys):
   c = p2o_config(tmp_path, policy_dir)
   trainer = make_trainer(c, policy_dir, QUERIES)
   seen = []
@@ -100,6 +101,10 @@ def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(poli
   epoch1 = [r for r in records if r.get("epoch") == 1.0 and "p2o/ratio_masked_token_fraction" in r]
   assert epoch1 and all(0.0 <= r["p2o/ratio_masked_token_fraction"] <= 1.0 for r in epoch1)
   assert "p2o/templated_success" in epoch_ends[1]
+  # The search shows one progress line (metric calls of the budget, best dev score), not a log line per iteration.
+  shown = re.findall(r"gepa after epoch 0 +(\d+)/400 .*best_dev=([\d.]+)", capsys.readouterr().err)
+  assert shown and int(shown[-1][0]) == min(first["p2o/gepa_metric_calls"], 400)
+  assert float(shown[-1][1]) == pytest.approx(first["p2o/gepa_best_dev"], abs=0.005)
 
 
 def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):

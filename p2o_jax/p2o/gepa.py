@@ -240,7 +240,7 @@ def gepa_iteration(state: GepaState, evaluator: Evaluator, reflector: Reflector,
   log = IterationLog(parents=tuple(parents), tried=len(proposals), rejected=len(proposals) - len(tried),
                      accepted=len(accepted), best_mean_dev=float(scores_cd.mean(axis=1).max()),
                      metric_calls=metric_calls, worst_case_fit=worst_case_fit)
-  logger.info("GEPA iteration %d: %s", state.iteration + 1, log)
+  logger.debug("GEPA iteration %d: %s", state.iteration + 1, log)  # the trainer shows a progress line instead
   return dataclasses.replace(
       state, candidates=state.candidates + tuple(proposals[j] for j in accepted),
       parents=state.parents + tuple(parents[j] for j in accepted), scores_cd=scores_cd,

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from p2o_jax import distributed, report
+from p2o_jax.metrics import Progress
 from p2o_jax.data.records import Query
 from p2o_jax.p2o import gepa
 from p2o_jax.p2o.assignment import assign_templates, greedy_set_cover, solved_sets
@@ -246,8 +247,18 @@ class P2OHooks(TrainerHooks):
       self.reflector.restore(reflector_state)
     evaluator = SamplerEvaluator(trainer.sampler, trainer.tokenizer, hard_set, self.c.data.prompt_format,
                                  self.c.rollout.max_new_tokens, trainer.score)
+    budget = self.gepa_cfg.max_metric_calls
+    progress = Progress(budget, desc=f"gepa after epoch {epoch}", enabled=trainer.is_main,
+                        start_step=min(state.metric_calls, budget))
+
+    def on_iteration(s: gepa.GepaState) -> None:
+      self._save_progress(trainer, s)
+      progress.update(min(s.metric_calls, budget), iteration=s.iteration, candidates=len(s.candidates),
+                      best_dev=f"{s.history[-1].best_mean_dev:.2f}")
+
     state = gepa.run_gepa(state, evaluator, self.reflector, [q.question for q in hard_set], self.gepa_cfg,
-                          on_iteration=lambda s: self._save_progress(trainer, s))
+                          on_iteration=on_iteration)
+    progress.close()
     self._save_progress(trainer, state)
     self.assignment = self._assign(state, hard_ids, epoch)
     self.pending = None
