@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from p2o_jax import distributed, report
-from p2o_jax.metrics import Progress
 from p2o_jax.data.records import Query
+from p2o_jax.metrics import Progress
 from p2o_jax.p2o import gepa
 from p2o_jax.p2o.assignment import assign_templates, greedy_set_cover, solved_sets
 from p2o_jax.p2o.evaluator import SamplerEvaluator
