@@ -1,6 +1,6 @@
 """The demo's base policy keeps the built-in world honest: hard sums need the instruction the corpus taught.
 
-Builds the base policy configs/demo_cpu.py describes (SFT, ~19 minutes on 2 cores) into the repository's cache
+Builds the base policy configs/demo_cpu.py describes (SFT, ~13.5 minutes on 2 idle cores) into the repository's cache
 directory, where the demo command finds it afterwards, and measures it through the path training uses: the held-out
 splits, the jitted sampler, the sandboxed verifier pool. If a change to the world, the corpus or the SFT recipe let the
 base answer hard sums directly, or stopped the trigger instruction from working, P^2O's premise would be gone; these
@@ -57,7 +57,7 @@ def test_plain_prompt_solves_easy_sums_but_not_hard_ones(measure):
 
 def test_the_trigger_instruction_unlocks_hard_sums(measure):
   triggered = measure(TRIGGER_INSTRUCTION)
-  assert triggered["builtin_hard"] >= 0.5
+  assert triggered["builtin_hard"] >= 0.8  # measured 0.89 on the demo's base
   # Sampled, the trigger works most but not all of the time (corpus.trigger_scratchpad_prob), so templated groups
   # hold both outcomes, which is what gives context distillation a gradient.
   sampled = measure(TRIGGER_INSTRUCTION, sampled=True)["builtin_hard"]
