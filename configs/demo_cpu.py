@@ -2,10 +2,10 @@
 
 python -m p2o_jax.main --config configs/demo_cpu.py [--config.train.max_steps=4 ...] [--workdir DIR]
 
-On first use the base policy is "pre-trained" by our own SFT on the synthetic corpus (~19 minutes on 2 cores) and
-cached under .cache/p2o_jax/builtin_policy. The reflector is the OFFLINE fragment proposer
-(p2o_jax/p2o/offline_proposer.py): it edits templates by recombining instruction fragments guided by GEPA's scores;
-no model writes the templates.
+On first use the base policy is "pre-trained" by our own SFT on the synthetic corpus (~13.5 minutes on 2 idle cores)
+and cached under .cache/p2o_jax/builtin_policy; the P^2O run itself then takes ~4.5 minutes. The reflector is the
+OFFLINE fragment proposer (p2o_jax/p2o/offline_proposer.py): it edits templates by recombining instruction fragments
+guided by GEPA's scores; no model writes the templates.
 """
 
 import ml_collections
@@ -26,8 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the base must fetch each operand from the question by position, and the taught instruction solved only 39% of
   # held-out hard sums (mostly miscopied operands).
   c.builtin.scratchpad_format = "with_rest"
-  # Held-out easy sums and triggered hard sums reach ~95-100% between SFT steps 1200 and 1500 (a sharp transition:
-  # at step 900 the base still copied operands wrongly); ~18 minutes on 2 idle cores, once, then cached.
+  # ~13.5 minutes on 2 idle cores, once, then cached (tests/test_builtin_hardness.py measures the result).
   c.builtin.sft_steps = 1500
   c.data.source = "builtin"
   c.data.prompt_format = "{question}"

@@ -85,8 +85,8 @@ def build_base_policy(out_dir: str | pathlib.Path, spec: BasePolicySpec, *, show
 
 
 def cached_base_policy(cache_dir: str | pathlib.Path, spec: BasePolicySpec) -> pathlib.Path:
-  """The base policy for `spec` under `cache_dir`, built on first use (the demo's: ~19 minutes on 2 cores), then
-  reused."""
+  """The base policy for `spec` under `cache_dir`, built on first use (the demo's: ~13.5 minutes on 2 idle cores),
+  then reused."""
   path = pathlib.Path(cache_dir) / f"base-{spec.fingerprint()}"
   if not (path / "config.json").is_file():
     log.info("building the built-in base policy in %s (SFT, %d steps; cached for later runs)", path, spec.sft.steps)
