@@ -82,6 +82,18 @@ def filter_logits(logits_bv, top_k: int, top_p, use_top_p: bool):
   return logits_bv
 
 
+def first_argmax(x_bv):
+  """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions.
+
+  XLA:CPU lowers argmax to one (value, index) reduction that takes ~2.5 ms per decode step over a 32k vocabulary at
+  batch 32; a max, then the smallest index holding it, takes a third of that.
+  """
+  v = x_bv.shape[-1]
+  best = jnp.max(x_bv, axis=-1, keepdims=True)
+  index = jnp.min(jnp.where(x_bv == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(index, v - 1)  # a NaN row matches nowhere
+
+
 def inverse_cdf_sample(key, probs_bv, block: int = 128):
   """One draw per row from `probs_bv` (rows sum to ~1) by inverting the CDF with a single uniform per row.
 
@@ -101,13 +113,13 @@ def inverse_cdf_sample(key, probs_bv, block: int = 128):
   tokens = jnp.minimum(chosen_block * block + offset, v - 1)
   # Rounding can land the draw on a zero-probability (filtered or padding) entry: take the mode instead.
   drawn_p = jnp.take_along_axis(probs_bv, tokens[:, None], axis=-1)[:, 0]
-  return jnp.where(drawn_p > 0, tokens, jnp.argmax(probs_bv, axis=-1))
+  return jnp.where(drawn_p > 0, tokens, first_argmax(probs_bv))
 
 
 def sample_tokens(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
   """Draw one token per row; return (tokens, log-prob of each under the distribution it was drawn from)."""
   if greedy:
-    tokens = jnp.argmax(logits_bv, axis=-1)
+    tokens = first_argmax(logits_bv)
     logp = jax.nn.log_softmax(logits_bv, axis=-1)
   else:
     logp = jax.nn.log_softmax(filter_logits(logits_bv / temperature, top_k, top_p, use_top_p), axis=-1)

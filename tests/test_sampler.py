@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from p2o_jax.models.hf_checkpoint import load_hf_model
-from p2o_jax.sampling import Sampler, SamplingConfig, _decode, _prefill, filter_logits
+from p2o_jax.sampling import Sampler, SamplingConfig, _decode, _prefill, filter_logits, first_argmax
 
 PAD = 0
 SAMPLED_EOS = 1
@@ -189,6 +189,14 @@ def test_filter_logits_keeps_exactly_the_nucleus_and_the_top_k():
   assert kept(0, 0.65)[1].all()  # ties at the threshold are kept together
   filtered = np.asarray(filter_logits(logits, 2, jnp.float32(1.0), use_top_p=False))
   np.testing.assert_array_equal(filtered[0, [1, 3]], np.asarray(logits)[0, [1, 3]])  # kept logits are unchanged
+
+
+def test_first_argmax_is_numpys_argmax_including_ties():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, (200, 37)).astype(np.float32)  # few distinct values: most rows tie at their maximum
+  x[:, -1] = -np.inf
+  x[0] = -np.inf  # a row with no finite entry: index 0, as np.argmax
+  np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_twenty_prompt_lengths_compile_one_program_per_bucket(qwen2):
