@@ -64,7 +64,8 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(d, "head_dim", cfg, rngs)
 
   def _project(self, x, kernel, bias_name):
-    y = jnp.einsum("bte,ehd->bthd", x, kernel[...].astype(x.dtype))
+    e, heads, d = kernel.shape
+    y = _matmul_2d(x, kernel[...].reshape(e, heads * d)).reshape(*x.shape[:-1], heads, d)
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(x.dtype)
     return y
@@ -83,21 +84,35 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 2)
       layer_cache = {"k": k, "v": v}
     out = _grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts, cfg.head_dim ** -0.5)
-    out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(out.dtype))
+    b, t, h, d = out.shape
+    out = _matmul_2d(out.reshape(b, t, h * d), self.o_proj[...].reshape(h * d, -1))
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(out.dtype)
     return out, layer_cache
 
 
+def _matmul_2d(x, kernel):
+  """(..., in) @ (in, out) as one 2-D matmul. Given 3-D operands, XLA:CPU may transpose the *weights* to fit the
+  activations' layout, in every decode step (~1 MB per layer at 50M) or in the slow gradient loops of training."""
+  out = x.reshape(-1, x.shape[-1]) @ kernel.astype(x.dtype)
+  return out.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def _grouped_attention(q_bthd, k_bksd, v_bksd, mask_bts, scale):
-  """Softmax attention where each of the k kv-heads serves h/k query heads (GQA; MQA when k = 1)."""
+  """Softmax attention where each of the k kv-heads serves h/k query heads (GQA; MQA when k = 1).
+
+  Both products run with (b, kv) as batch axes and the query axes ahead of the contracted ones, so XLA:CPU emits
+  plain batched matmuls. Writing the output straight in (b, t, kv, g, d) order instead makes it lower the products
+  to loop fusions: 4x slower for a decode step, ~1.3x for a full sequence.
+  """
   b, t, h, d = q_bthd.shape
   kv = k_bksd.shape[1]
-  q = q_bthd.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd).astype(jnp.float32) * scale
+  q = q_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d); free when t = 1
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q, k_bksd).astype(jnp.float32) * scale
   scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd).reshape(b, t, h, d)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_bksd)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -117,8 +132,11 @@ class MLP(nnx.Module):
     # 2-D matmuls: with (b, t, e) operands XLA:CPU transposes the large gradients in slow loops (~25% of a step).
     dt = x_bte.dtype
     x = x_bte.reshape(-1, x_bte.shape[-1])
-    gate = x @ self.gate_proj[...].astype(dt)
-    up = x @ self.up_proj[...].astype(dt)
+    # One matmul for gate and up: a short-row (decode) matmul runs ~1.5x faster at twice the width on XLA:CPU.
+    # Stacked, not concatenated, so a tensor-sharded "mlp" axis stays sharded the same way.
+    kernel = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)  # (e, 2, f)
+    gate_up = jnp.einsum("be,ecf->bcf", x, kernel)
+    gate, up = gate_up[:, 0], gate_up[:, 1]
     if self.cfg.mlp_bias:
       gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
     out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
