@@ -3,7 +3,9 @@ an impossible combination is a one-line error naming the key, before anything he
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
 import ml_collections
 
@@ -100,6 +102,15 @@ def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False
   for key in keys:
     node = _get(c, key)
     _require(node >= 0 if allow_zero else node > 0, key, f"{node} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """get_config() of an ml_collections config file such as configs/demo_cpu.py (what --config loads), without flags."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -13,23 +13,16 @@ import pytest
 
 from conftest import DEMO_CONFIG
 from p2o_jax import sharding
+from p2o_jax.config import load_config_file
 from p2o_jax.data.corpus import PARTIAL_INSTRUCTIONS, TRIGGER_INSTRUCTION
 from p2o_jax.experiment import evaluate_with_templates, load_data, resolve_checkpoint
 from p2o_jax.rewards.pool import VerifierPool
 
 
-def _demo_config():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("demo_cpu", DEMO_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.fixture(scope="module")
 def measure():
   """measure(template, sampled=False) -> {"builtin_easy": acc, "builtin_hard": acc} for the demo's base policy."""
-  c = _demo_config()
+  c = load_config_file(DEMO_CONFIG)
   checkpoint = resolve_checkpoint(c)  # built once per spec, then reused from the cache
   _, eval_sets = load_data(c)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})

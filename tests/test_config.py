@@ -6,18 +6,14 @@ import sys
 
 import pytest
 
-from p2o_jax.config import ConfigError, base_config, validate
+from p2o_jax.config import ConfigError, base_config, load_config_file, validate
 from p2o_jax.experiment import parse_eval_sets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(ROOT / "configs" / f"{name}.py")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))

@@ -7,7 +7,6 @@ by hand from the logical-axis rules, not read back from the code under test.
 """
 
 import copy
-import importlib.util
 import json
 import os
 import pathlib
@@ -167,10 +166,8 @@ def test_command_line_reports_a_bad_mesh_in_one_line():
 
 
 def _config(path: pathlib.Path, **overrides):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from p2o_jax.config import load_config_file  # pylint: disable=import-outside-toplevel
+  c = load_config_file(path)
   for key, value in overrides.items():
     section, name = key.split("__")
     c[section][name] = value
