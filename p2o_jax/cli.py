@@ -49,16 +49,23 @@ def setup_logging() -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def start_jax(c) -> None:
+  """Check config.distributed and start JAX as it asks (CPU devices, jax.distributed): before anything touches a JAX
+  device. Raises ConfigError for a bad value."""
+  from p2o_jax import distributed  # pylint: disable=import-outside-toplevel
+  from p2o_jax.config import validate_distributed  # pylint: disable=import-outside-toplevel
+  validate_distributed(c)
+  distributed.initialize(c.distributed)
+
+
 def main(argv) -> None:
   del argv
   setup_logging()
-  from p2o_jax import distributed  # pylint: disable=import-outside-toplevel
-  from p2o_jax.config import ConfigError, validate_distributed  # pylint: disable=import-outside-toplevel
+  from p2o_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel
   c = load_config()
   try:
-    validate_distributed(c)
-    distributed.initialize(c.distributed)  # before anything touches a JAX device
+    start_jax(c)
     run_training(c)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from p2o_jax.cli import WORKDIR, load_config, parse_flags, setup_logging
+from p2o_jax.cli import WORKDIR, load_config, parse_flags, setup_logging, start_jax
 
 # method -> config overrides; "k2" doubles rollout.num_samples (GRPO with 2K rollouts per query).
 METHODS = {
@@ -69,6 +69,7 @@ def main(argv) -> None:
   runs: dict[str, list[pathlib.Path]] = {}
   histories: dict[str, list[dict]] = {}
   try:
+    start_jax(base)
     for seed in range(_SEEDS.value):
       for method in _METHODS.value:
         c = method_config(base, method, seed, workdir)

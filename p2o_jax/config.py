@@ -39,8 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-process runs (p2o_jax/distributed.py): "auto" starts jax.distributed on a TPU VM or when a coordinator is
   # given here or in JAX_COORDINATOR_ADDRESS; "always" also relies on JAX's SLURM / Open MPI / Kubernetes detection.
   # Unset values ("", 0, -1) are left to JAX's auto-detection. cpu_collectives: "gloo", "mpi" or "none" (CPU only).
+  # cpu_devices: split this process's CPU into that many JAX devices (0: JAX's default, one); see
+  # distributed.use_cpu_devices for when that pays.
   c.distributed = dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1,
-                       cpu_collectives="gloo")
+                       cpu_collectives="gloo", cpu_devices=0)
   c.data = dict(
       source="file",  # "file" (train_path) or "builtin" (the arithmetic world)
       train_path="", question_field="problem", answer_field="answer", id_field="",
@@ -184,7 +186,7 @@ def validate_distributed(c: ml_collections.ConfigDict) -> None:
   d = c.distributed
   _one_of(c, "distributed.initialize", INITIALIZE_MODES)
   _one_of(c, "distributed.cpu_collectives", CPU_COLLECTIVES)
-  _positive(c, "distributed.num_processes", allow_zero=True)
+  _positive(c, "distributed.num_processes", "distributed.cpu_devices", allow_zero=True)
   if d.num_processes:
     _require(d.initialize != "never", "distributed.initialize", f"is 'never' but num_processes={d.num_processes}")
     _require(bool(d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")),

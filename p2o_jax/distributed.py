@@ -60,12 +60,31 @@ def initialize_arguments(cfg, env: Mapping[str, str], tpu_vm: bool) -> dict[str,
   return kwargs
 
 
-def initialize(cfg) -> bool:
-  """Start jax.distributed when `cfg` (config.distributed) and the environment ask for it; True if started.
+def use_cpu_devices(count: int) -> None:
+  """Make this process's CPU appear as `count` JAX devices (0: leave JAX's default of one); no effect on TPU or GPU.
 
-  Must run before anything else touches JAX devices: the CPU collectives choice and the process topology are fixed
-  when the backend starts.
+  Why: XLA:CPU splits each op over an intra-op thread pool whose workers take ~50-100 us to wake, longer than most
+  ops of a tiny model's decode step. With one device per core and the batch data-parallel over them (mesh.data = -1),
+  the built-in policy samples ~2x faster on 2 cores. Larger models are better off with one device: a 50M model
+  samples ~1.3x slower on two, as each device then reads all the weights every step.
+  Only possible before JAX starts its backends; later, the request is logged and ignored.
   """
+  if not count:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", int(count))
+  except RuntimeError:
+    log.warning("distributed.cpu_devices=%d ignored: JAX had already started (%d devices)", count, jax.device_count())
+
+
+def initialize(cfg) -> bool:
+  """Split the CPU into `cfg.cpu_devices` devices, and start jax.distributed when `cfg` (config.distributed) and the
+  environment ask for it; True if jax.distributed started.
+
+  Must run before anything else touches JAX devices: the CPU devices, the CPU collectives choice and the process
+  topology are fixed when the backend starts.
+  """
+  use_cpu_devices(cfg.cpu_devices)
   kwargs = initialize_arguments(cfg, os.environ, on_tpu_vm())
   if kwargs is None:
     return False

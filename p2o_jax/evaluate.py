@@ -38,7 +38,7 @@ from typing import Any
 
 from absl import app, flags
 
-from p2o_jax.cli import one_line, load_config, parse_flags, setup_logging
+from p2o_jax.cli import one_line, load_config, parse_flags, setup_logging, start_jax
 
 # Imports stay light at the top: the verifier's worker processes re-import this module as __mp_main__, so JAX, orbax,
 # seqio and the model code are imported inside the functions that use them.
@@ -358,8 +358,7 @@ def main(argv) -> None:
   setup_logging()
   import jax
 
-  from p2o_jax import distributed
-  from p2o_jax.config import ConfigError, validate_distributed
+  from p2o_jax.config import ConfigError
   from p2o_jax.models.hf_checkpoint import CheckpointError
 
   c = load_config()
@@ -368,8 +367,7 @@ def main(argv) -> None:
   if SETS.value is not None:
     c.eval.sets = SETS.value
   try:
-    validate_distributed(c)
-    distributed.initialize(c.distributed)  # before anything touches a JAX device
+    start_jax(c)
     results = run_evaluation(c, CHECKPOINT.value, include_builtin=SETS.value is None)
   except (ConfigError, EvalInputError, CheckpointError) as e:
     sys.exit(f"error: {one_line(e)}")

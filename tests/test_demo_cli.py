@@ -24,6 +24,7 @@ def test_reduced_demo_runs_through_the_cli_and_writes_the_report(tmp_path):
                            str(workdir), *args], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "on mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stderr  # distributed.cpu_devices = 2
   report = (workdir / "report.md").read_text()
   assert "| builtin_hard |" in report and "| builtin_easy |" in report
   assert "## Templates GEPA found" in report and "Wall time" in report

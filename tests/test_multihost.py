@@ -7,6 +7,7 @@ export by process 0); the P^2O run checks that both processes end with the same 
 """
 
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -217,12 +218,34 @@ def test_initialize_arguments(overrides, env, tpu_vm, expected):
     ({"coordinator_address": "h:1", "num_processes": 2, "initialize": "never"}, "distributed.initialize"),
     ({"cpu_collectives": "nccl"}, "distributed.cpu_collectives"),
     ({"num_processes": -1}, "distributed.num_processes"),
+    ({"cpu_devices": -2}, "distributed.cpu_devices"),
 ])
 def test_bad_distributed_config_is_one_line_naming_the_key(overrides, key, monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   with pytest.raises(ConfigError, match=f"^config.{key}: ") as error:
     validate_distributed(distributed_config(**overrides))
   assert "\n" not in str(error.value)
+
+
+def test_cpu_devices_split_the_cpu_when_set_before_jax_starts(tmp_path):
+  script = ("from p2o_jax import config, distributed\n"
+            "c = config.base_config()\n"
+            "c.distributed.initialize, c.distributed.cpu_devices = 'never', 3\n"
+            "distributed.initialize(c.distributed)\n"
+            "import jax\n"
+            "print(jax.device_count(), jax.devices()[0].platform)\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["3", "cpu"]
+
+
+def test_cpu_devices_asked_for_after_jax_started_are_logged_and_ignored(caplog):
+  before = jax.device_count()  # this test process's JAX has started
+  with caplog.at_level(logging.WARNING, logger="p2o_jax.distributed"):
+    distributed.use_cpu_devices(before + 2)
+  assert jax.device_count() == before
+  assert f"distributed.cpu_devices={before + 2} ignored" in caplog.text
 
 
 def test_host_helpers_with_one_process():
