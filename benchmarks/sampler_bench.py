@@ -7,6 +7,8 @@ T=1, no top-k / top-p, and exactly `new_tokens` new tokens per row (the EOS id i
 never drawn and no row stops early). Throughput is rows * new_tokens / wall time of one whole generate call (prefill
 included), median over interleaved repeats. Ours is warmed up by one identical call (it compiles); transformers
 (eager: nothing to compile) by a call with the same prompts and 2 new tokens, which keeps the run under 5 minutes.
+Ours runs twice, interleaved with transformers: on one JAX device, and with the CPU split into the devices that
+configs/demo_cpu.py asks for (`distributed.cpu_devices`) and the batch data-parallel over them, as the demo samples.
 Prints a markdown table. On a busy machine, run with OMP_WAIT_POLICY=PASSIVE: PyTorch's default spinning OpenMP
 threads otherwise make the transformers figure (and so the ratio) swing by up to 10x; the header says which was used.
 """
@@ -14,6 +16,8 @@ threads otherwise make the transformers figure (and so the ratio) swing by up to
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pathlib
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,6 +27,10 @@ import transformers
 
 from benchmarks.common import (interleaved_timings, machine_note, markdown_table,
                                ModelSize, parse_cli, save_random_qwen2, use_all_torch_threads)
+from p2o_jax.config import load_config_file
+from p2o_jax.distributed import use_cpu_devices
+
+DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +52,17 @@ def random_prompts(vocab_size: int, work: Workload, seed: int = 0) -> np.ndarray
   return np.random.default_rng(seed).integers(0, vocab_size, (work.batch, work.prompt_len), dtype=np.int64)
 
 
-def ours_generate(checkpoint_dir: str, prompts: np.ndarray, eos_id: int) -> Callable[[int], None]:
-  """f(new_tokens) = one Sampler.generate of all prompts (its outputs are host NumPy arrays, so it has finished)."""
+def ours_generate(checkpoint_dir: str, prompts: np.ndarray, eos_id: int, data_parallel: bool) -> Callable[[int], None]:
+  """f(new_tokens) = one Sampler.generate of all prompts (its outputs are host NumPy arrays, so it has finished);
+  on one device, or with `data_parallel` the batch split over every device (the demo's mesh, data = -1)."""
+  from p2o_jax import sharding
   from p2o_jax.models.hf_checkpoint import load_hf_model
   from p2o_jax.sampling import Sampler, SamplingConfig
 
   prompt_len = prompts.shape[1]
-  sampler = Sampler(load_hf_model(checkpoint_dir), eos_ids=[eos_id], pad_id=0, max_prompt_len=prompt_len,
-                    prompt_buckets=[prompt_len])
+  mesh = sharding.make_mesh({"data": -1}) if data_parallel else None
+  sampler = Sampler(load_hf_model(checkpoint_dir, mesh=mesh), eos_ids=[eos_id], pad_id=0, max_prompt_len=prompt_len,
+                    prompt_buckets=[prompt_len], mesh=mesh)
   rows = prompts.tolist()
 
   def run(new_tokens: int) -> None:
@@ -84,36 +95,48 @@ def _check_generated(generated: int, expected: int, side: str) -> None:
     raise RuntimeError(f"{side} generated {generated} tokens per row; the benchmark needs exactly {expected}")
 
 
-def bench_size(size: ModelSize, work: Workload, repeats: int) -> list[object]:
-  """Measure one size; return its table row."""
+def bench_size(size: ModelSize, work: Workload, repeats: int) -> list[list[object]]:
+  """Measure one size; return its table rows, one per setup of ours."""
+  import jax
+
+  setups = {"1 device": False}
+  if jax.device_count() > 1:
+    setups[f"{jax.device_count()} CPU devices, data-parallel"] = True
   with tempfile.TemporaryDirectory(prefix=f"sampler_bench_{size.name}_") as checkpoint_dir:
     num_params = save_random_qwen2(size, checkpoint_dir)
     prompts = random_prompts(size.vocab_size, work)
     eos_id = size.vocab_size  # outside the vocabulary: never sampled
-    ours = ours_generate(checkpoint_dir, prompts, eos_id)
+    ours = {setup: ours_generate(checkpoint_dir, prompts, eos_id, split) for setup, split in setups.items()}
     theirs = transformers_generate(checkpoint_dir, prompts, eos_id)
-    ours(work.new_tokens)
+    for run in ours.values():
+      run(work.new_tokens)
     theirs(2)
-    runs = {"ours": lambda: ours(work.new_tokens), "transformers": lambda: theirs(work.new_tokens)}
+    runs = {setup: functools.partial(run, work.new_tokens) for setup, run in ours.items()}
+    runs["transformers"] = functools.partial(theirs, work.new_tokens)
     timings = interleaved_timings(runs, repeats=repeats, warmup=0)
   for side, timing in timings.items():  # the spread shows how much other load on the machine moved the medians
-    print(f"  {side}: {', '.join(f'{t:.2f}' for t in timing.seconds)} s per call", file=sys.stderr)
+    print(f"  {size.name} {side}: {', '.join(f'{t:.2f}' for t in timing.seconds)} s per call", file=sys.stderr)
   tokens = work.batch * work.new_tokens
-  ours_rate, theirs_rate = tokens / timings["ours"].median, tokens / timings["transformers"].median
-  return [size.name, f"{num_params:,}", work.batch, work.new_tokens, f"{ours_rate:,.0f}", f"{theirs_rate:,.0f}",
-          f"{ours_rate / theirs_rate:.2f}x", f">= {work.target_ratio:g}x"]
+  theirs_rate = tokens / timings.pop("transformers").median
+  rows = []
+  for setup, timing in timings.items():
+    ours_rate = tokens / timing.median
+    rows.append([size.name, f"{num_params:,}", work.batch, work.new_tokens, setup, f"{ours_rate:,.0f}",
+                 f"{theirs_rate:,.0f}", f"{ours_rate / theirs_rate:.2f}x", f">= {work.target_ratio:g}x"])
+  return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   sizes, repeats = parse_cli(argv, __doc__.splitlines()[0], WORKLOADS,
                              "timed generate calls per side (median reported)")
+  use_cpu_devices(load_config_file(DEMO_CONFIG).distributed.cpu_devices)  # before JAX starts
   threads = use_all_torch_threads()
   transformers.logging.disable_progress_bar()
   rows = []
   for size in sizes:
     print(f"measuring {size.name} ...", file=sys.stderr, flush=True)
-    rows.append(bench_size(size, WORKLOADS[size.name], repeats))
-  headers = ["size", "params", "batch", "new tokens", "ours tok/s", "transformers tok/s", "ratio", "target"]
+    rows.extend(bench_size(size, WORKLOADS[size.name], repeats))
+  headers = ["size", "params", "batch", "new tokens", "ours on", "ours tok/s", "transformers tok/s", "ratio", "target"]
   print(f"decode throughput, generated tokens/s (torch threads: {threads}; median of {repeats})")
   print(f"{machine_note()}\n")
   print(markdown_table(headers, rows))
