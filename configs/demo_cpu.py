@@ -3,7 +3,7 @@
 python -m p2o_jax.main --config configs/demo_cpu.py [--config.train.max_steps=4 ...] [--workdir DIR]
 
 On first use the base policy is "pre-trained" by our own SFT on the synthetic corpus (~13.5 minutes on 2 idle cores)
-and cached under .cache/p2o_jax/builtin_policy; the P^2O run itself then takes ~4.5 minutes. The reflector is the
+and cached under .cache/p2o_jax/builtin_policy; the P^2O run itself then takes ~3.5 minutes. The reflector is the
 OFFLINE fragment proposer (p2o_jax/p2o/offline_proposer.py): it edits templates by recombining instruction fragments
 guided by GEPA's scores; no model writes the templates.
 """
