@@ -71,6 +71,9 @@ print("devices:", jax.devices())
 tiny policy instead. The model picks the starting config: `configs/colab_qwen2_5_0_5b.py` for a real checkpoint,
 `configs/demo_cpu.py` for the built-in policy.
 """, """
+from p2o_jax.config import load_config_file
+
+
 def fetch_checkpoint(repo_id: str, local_dir: pathlib.Path) -> str:
   \"\"\"The local Hugging Face directory of `repo_id`, or "builtin" when it cannot be fetched.\"\"\"
   try:
@@ -80,14 +83,6 @@ def fetch_checkpoint(repo_id: str, local_dir: pathlib.Path) -> str:
     reason = (str(e).strip().splitlines() or [""])[0][:160]
     print(f"could not fetch {repo_id} ({type(e).__name__}: {reason}); using the built-in tiny policy instead")
     return "builtin"
-
-
-def load_config_file(path: pathlib.Path):
-  \"\"\"The ConfigDict returned by get_config() in an ml_collections config file.\"\"\"
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 CHECKPOINT = "builtin" if SMOKE_TEST or MODEL == "builtin" else fetch_checkpoint(MODEL, pathlib.Path("models") / MODEL)
