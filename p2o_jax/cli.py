@@ -16,6 +16,8 @@ from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
+REBUILD_BASE = flags.DEFINE_bool("rebuild_base", False, "Build the built-in base policy anew (SFT, minutes) instead of "
+                                 "using the shipped or cached one.")
 
 
 def one_line(e: BaseException) -> str:
@@ -63,12 +65,15 @@ def main(argv) -> None:
   setup_logging()
   from p2o_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel
+  from p2o_jax.preflight import PreflightError  # pylint: disable=import-outside-toplevel
+  from p2o_jax.report import closing_lines  # pylint: disable=import-outside-toplevel
   c = load_config()
   try:
     start_jax(c)
-    run_training(c)
-  except (ConfigError, FileNotFoundError) as e:
+    history = run_training(c, rebuild_base=REBUILD_BASE.value)
+  except (ConfigError, FileNotFoundError, PreflightError) as e:
     sys.exit(f"error: {e}")
+  print("\n".join(closing_lines(c.workdir, history)), flush=True)
 
 
 def run() -> None:

@@ -60,6 +60,7 @@ def main(argv) -> None:
   setup_logging()
   from p2o_jax.comparison import summarize  # pylint: disable=import-outside-toplevel
   from p2o_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from p2o_jax.preflight import PreflightError  # pylint: disable=import-outside-toplevel
   base = load_config()
   unknown = [m for m in _METHODS.value if m not in METHODS]
   if unknown or _SEEDS.value < 1:
@@ -76,7 +77,7 @@ def main(argv) -> None:
         logging.info("=== %s, seed %d -> %s", LABELS[method], seed, c.workdir)
         histories.setdefault(method, []).append(run_one(c))
         runs.setdefault(method, []).append(pathlib.Path(c.workdir))
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, PreflightError) as e:
     sys.exit(f"error: {e}")
   table, plot = summarize(runs, workdir, eval_set=_SET.value, labels=LABELS, histories=histories)
   print(table.read_text())

@@ -155,13 +155,13 @@ def load_policy(location: pathlib.Path | OrbaxStep, c, mesh):
   """(Decoder with the weights to evaluate, the HF directory whose tokenizer goes with it)."""
   from flax import nnx
 
-  from p2o_jax.experiment import resolve_checkpoint
+  from p2o_jax.experiment import policy_checkpoint
   from p2o_jax.models.hf_checkpoint import load_hf_model
 
   if isinstance(location, pathlib.Path):
     return load_hf_model(location, mesh=mesh, param_dtype=c.model.param_dtype,
                          compute_dtype=c.model.compute_dtype), location
-  architecture = resolve_checkpoint(c)
+  architecture = policy_checkpoint(c)
   graphdef, abstract = _abstract_params(architecture, c, mesh)
   try:
     params = restore_params(location, abstract)

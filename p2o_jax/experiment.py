@@ -16,12 +16,14 @@ from p2o_jax import report, sharding
 from p2o_jax.config import ConfigError, builtin_world, validate
 from p2o_jax.data import arithmetic
 from p2o_jax.data.records import Query, builtin_queries, read_queries
-from p2o_jax.models.builtin import BasePolicySpec, cached_base_policy
+from p2o_jax.data.char_tokenizer import build_char_tokenizer
 from p2o_jax.evaluation import EvalProtocol, evaluate_set
+from p2o_jax.models.builtin import BasePolicySpec, SHIPPED_BASE_DIR, base_policy_dir, shipped_base_matches
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer, stop_token_ids
 from p2o_jax.p2o.hooks import P2OHooks
 from p2o_jax.p2o.templates import apply_template
+from p2o_jax.preflight import check_chat_template, check_verifier, check_writable_dir
 from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.trainer import Trainer, TrainerHooks
 from p2o_jax.sampling import Sampler
@@ -37,14 +39,39 @@ def base_policy_spec(c: ml_collections.ConfigDict) -> BasePolicySpec:
                         hidden_size=b.hidden_size)
 
 
-def resolve_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
-  """The policy's HF directory; the built-in base policy is built once per distinct `builtin` setting and cached."""
+def user_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """config.model.checkpoint as a HF directory (not "builtin"); ConfigError when it is not one."""
+  path = pathlib.Path(c.model.checkpoint)
+  if not (path / "config.json").is_file():
+    raise ConfigError(f"config.model.checkpoint: {path} is not a Hugging Face checkpoint directory")
+  return path
+
+
+def policy_checkpoint(c: ml_collections.ConfigDict, *, rebuild_base: bool = False) -> pathlib.Path:
+  """The policy's HF directory. For "builtin": the base shipped with the package when the config's `builtin` section
+  is the demo's, else a cached build of it; a missing one is BUILT here (announced: it takes minutes)."""
   if c.model.checkpoint != "builtin":
-    path = pathlib.Path(c.model.checkpoint)
-    if not (path / "config.json").is_file():
-      raise ConfigError(f"config.model.checkpoint: {path} is not a Hugging Face checkpoint directory")
-    return path
-  return cached_base_policy(c.model.builtin_cache_dir, base_policy_spec(c))
+    return user_checkpoint(c)
+  return base_policy_dir(c.model.builtin_cache_dir, base_policy_spec(c), rebuild=rebuild_base)
+
+
+def preflight_tokenizer(c: ml_collections.ConfigDict, rebuild_base: bool = False):
+  """The run's tokenizer, available before any base build: the built-in policy's is the character tokenizer."""
+  if c.model.checkpoint != "builtin":
+    return load_tokenizer(user_checkpoint(c))
+  if not rebuild_base and shipped_base_matches(base_policy_spec(c)):
+    return load_tokenizer(SHIPPED_BASE_DIR)
+  return build_char_tokenizer()
+
+
+def preflight(c: ml_collections.ConfigDict, train: Sequence[Query], score, *, rebuild_base: bool = False) -> None:
+  """Everything that could fail after minutes of work, checked in seconds (p2o_jax/preflight.py)."""
+  check_writable_dir(c.workdir, "config.workdir")
+  check_writable_dir(c.train.checkpoint_dir or pathlib.Path(c.workdir) / "checkpoints", "the checkpoint directory")
+  sample = list(train[:4])
+  check_chat_template(preflight_tokenizer(c, rebuild_base), [c.data.prompt_format.format(question=q.question)
+                                                             for q in sample])
+  check_verifier(score, sample)
 
 
 def _read(path: str, c: ml_collections.ConfigDict) -> list[Query]:
@@ -108,22 +135,24 @@ def evaluate_search_bests(checkpoint: pathlib.Path, c: ml_collections.ConfigDict
   return [{**best, "accuracy": accuracy[best["template"]]} for best in bests]
 
 
-def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None) -> dict[str, Any]:
+def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None, *,
+                 rebuild_base: bool = False) -> dict[str, Any]:
   validate(c, jax.device_count())
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
-  checkpoint = resolve_checkpoint(c)
-  model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-                        remat=c.model.remat)
-  tokenizer = load_tokenizer(checkpoint)
   train, eval_sets = load_data(c)
-  log.info("policy %s (%s, %.2fM params) on mesh %s; %d training queries; eval sets %s", checkpoint,
-           model.cfg.model_type, model.cfg.num_params / 1e6, dict(mesh.shape), len(train),
-           {k: len(v) for k, v in eval_sets.items()})
-  if c.p2o.enabled and hooks is None:
-    hooks = P2OHooks(c)
-  start = time.perf_counter()
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
                     fallback=c.reward.fallback) as verifier:
+    preflight(c, train, verifier.score, rebuild_base=rebuild_base)
+    checkpoint = policy_checkpoint(c, rebuild_base=rebuild_base)
+    model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype,
+                          compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+    tokenizer = load_tokenizer(checkpoint)
+    log.info("policy %s (%s, %.2fM params) on mesh %s; %d training queries; eval sets %s", checkpoint,
+             model.cfg.model_type, model.cfg.num_params / 1e6, dict(mesh.shape), len(train),
+             {k: len(v) for k, v in eval_sets.items()})
+    if c.p2o.enabled and hooks is None:
+      hooks = P2OHooks(c)
+    start = time.perf_counter()
     trainer = Trainer(c, model=model, tokenizer=tokenizer, mesh=mesh, train_queries=train, eval_sets=eval_sets,
                       score=verifier.score, hooks=hooks)
     history = trainer.run()

@@ -121,6 +121,18 @@ def render_report(workdir: str | pathlib.Path, history: Mapping[str, Any], wall_
   return "\n".join(lines) + "\n"
 
 
+def closing_lines(workdir: str | pathlib.Path, history: Mapping[str, Any]) -> list[str]:
+  """The last lines a run prints: where the report is, and the plain-prompt accuracy it starts with."""
+  start = set_accuracies(history.get("eval_at_start", {}))
+  end = set_accuracies(history.get("eval_at_end", {}))
+  lines = [f"Report: {pathlib.Path(workdir) / REPORT_FILENAME}"]
+  names = sorted(set(start) & set(end), key=lambda name: ("hard" not in name, name))
+  if names:
+    lines.append("Plain-prompt accuracy, starting -> trained policy: " + "; ".join(
+        f"{name} {_percent(start[name])} -> {_percent(end[name])}" for name in names))
+  return lines
+
+
 def write_report(workdir: str | pathlib.Path, text: str) -> pathlib.Path:
   path = pathlib.Path(workdir) / REPORT_FILENAME
   path.write_text(text)

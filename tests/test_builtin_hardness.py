@@ -1,42 +1,20 @@
 """The demo's base policy keeps the built-in world honest: hard sums need the instruction the corpus taught.
 
-Builds the base policy configs/demo_cpu.py describes (SFT, ~13.5 minutes on 2 idle cores) into the repository's cache
-directory, where the demo command finds it afterwards, and measures it through the path training uses: the held-out
-splits, the jitted sampler, the sandboxed verifier pool. If a change to the world, the corpus or the SFT recipe let the
-base answer hard sums directly, or stopped the trigger instruction from working, P^2O's premise would be gone; these
-assertions fail first.
+Measures the base shipped with the package (the one configs/demo_cpu.py runs from) through the path training uses. If
+a change to the world, the corpus or the SFT recipe let the base answer hard sums directly, or stopped the trigger
+instruction from working, P^2O's premise would be gone; these assertions fail first.
 """
-
-import functools
 
 import pytest
 
-from conftest import DEMO_CONFIG
-from p2o_jax import sharding
-from p2o_jax.config import load_config_file
+from base_measure import base_measurer
 from p2o_jax.data.corpus import PARTIAL_INSTRUCTIONS, TRIGGER_INSTRUCTION
-from p2o_jax.experiment import evaluate_with_templates, load_data, resolve_checkpoint
-from p2o_jax.rewards.pool import VerifierPool
+from p2o_jax.models.builtin import SHIPPED_BASE_DIR
 
 
 @pytest.fixture(scope="module")
 def measure():
-  """measure(template, sampled=False) -> {"builtin_easy": acc, "builtin_hard": acc} for the demo's base policy."""
-  c = load_config_file(DEMO_CONFIG)
-  checkpoint = resolve_checkpoint(c)  # built once per spec, then reused from the cache
-  _, eval_sets = load_data(c)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-  with VerifierPool(num_workers=1, timeout_s=c.reward.timeout_s, fallback=c.reward.fallback) as verifier:
-
-    @functools.cache
-    def run(template: str, sampled: bool = False) -> dict[str, float]:
-      run_config = c.copy_and_resolve_references()
-      if sampled:  # every problem K times at the rollout temperature: what GRPO's rollouts see
-        run_config.eval.small_set_size = 10**6
-        run_config.eval.small_set_samples = c.rollout.num_samples
-        run_config.eval.temperature = c.rollout.temperature
-      return evaluate_with_templates(checkpoint, run_config, mesh, eval_sets, [template], verifier.score)[0]
-
+  with base_measurer(SHIPPED_BASE_DIR) as run:
     yield run
 
 

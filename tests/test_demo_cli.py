@@ -1,30 +1,33 @@
-"""The README's first command, reduced to a few steps: the real CLI runs P^2O on the built-in task end to end and writes
-the report, the templates GEPA found, metrics and the exported policy. The base policy here is a random tiny one
-(builtin.sft_steps=0): this test is about the pipeline, not the base's skill."""
+"""The README's first command, shortened by .ci/demo_smoke.args (the same overrides CI's fresh-install check uses):
+the real CLI runs P^2O on the built-in task from the shipped base end to end and writes the report, the templates GEPA
+found, metrics and the exported policy, and its last lines say where the report is and what it shows."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DEMO_CONFIG, REPO
 
-REDUCED = {
-    "data.builtin_train_size": 32, "train.batch_size": 8, "train.epochs": 2, "rollout.num_samples": 4,
-    "grpo.micro_batch_size": 16, "p2o.hard_min_count": 4, "p2o.gepa.dev_size": 6, "p2o.gepa.minibatch_size": 2,
-    "p2o.gepa.max_metric_calls": 24, "eval.builtin_easy": 8, "eval.builtin_hard": 8, "eval.small_set_samples": 2,
-    "eval.every_steps": 0, "builtin.sft_steps": 0, "builtin.num_layers": 1, "builtin.hidden_size": 32,
-}
+SMOKE_ARGS = (REPO / ".ci" / "demo_smoke.args").read_text().split()
 
 
-def test_reduced_demo_runs_through_the_cli_and_writes_the_report(tmp_path):
+def run_demo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "p2o_jax.main", "--config", str(DEMO_CONFIG), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.slow
+def test_shortened_demo_runs_every_phase_through_the_cli_and_ends_with_the_report(tmp_path):
   workdir = tmp_path / "demo"
-  args = [f"--config.{k}={v}" for k, v in {**REDUCED, "model.builtin_cache_dir": tmp_path / "cache"}.items()]
-  result = subprocess.run([sys.executable, "-m", "p2o_jax.main", "--config", str(DEMO_CONFIG), "--workdir",
-                           str(workdir), *args], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = run_demo("--workdir", str(workdir), *SMOKE_ARGS)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stderr  # distributed.cpu_devices = 2
+  assert "the one shipped with the package" in result.stderr and "building the built-in base" not in result.stderr
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(m.get("p2o/assigned_groups", 0) > 0 for m in metrics)  # the second epoch rolled out with templates
   report = (workdir / "report.md").read_text()
   assert "| builtin_hard |" in report and "| builtin_easy |" in report
   assert "## Templates GEPA found" in report and "Wall time" in report
@@ -33,3 +36,18 @@ def test_reduced_demo_runs_through_the_cli_and_writes_the_report(tmp_path):
   assert (workdir / "templates" / "epoch_000.md").is_file()
   assert (workdir / "export" / "final" / "config.json").is_file()
   assert report in result.stderr  # the report is also printed on the terminal
+  last = result.stdout.strip().splitlines()[-2:]
+  assert last[0] == f"Report: {workdir / 'report.md'}"
+  assert last[1].startswith("Plain-prompt accuracy, starting -> trained policy: builtin_hard ")
+
+
+def test_a_broken_run_directory_fails_in_seconds_before_any_base_build(tmp_path):
+  """A config whose base is neither shipped nor cached would start a long SFT build; the unwritable workdir must be
+  reported first, in one line."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  result = run_demo("--workdir", str(blocker / "run"), "--config.builtin.sft_steps=7",
+                    f"--config.model.builtin_cache_dir={tmp_path / 'cache'}", timeout=300)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: config.workdir {blocker / 'run'} is not writable")
+  assert "building the built-in base" not in result.stderr and not (tmp_path / "cache").exists()

@@ -4,7 +4,11 @@
 corpus (p2o_jax/data/corpus.py), so that, like a base LLM, the policy answers plainly (right on easy sums, at chance on
 hard ones) and writes a scratchpad of running totals only when the instruction asks for that method. It travels the
 path a real checkpoint travels: written with `save_hf_model`, read back with `load_hf_model`, loadable by transformers.
-`cached_base_policy` builds it once per distinct `BasePolicySpec` and reuses it from then on.
+
+The demo's base ships with the package (`SHIPPED_BASE_DIR`, a few MB): built once, it is the same base on every
+machine, so the demo's outcome does not depend on the CPU that would otherwise build it (float rounding in 1,500 SFT
+steps gave visibly different bases). `base_policy_dir` returns it when the spec's fingerprint matches and otherwise
+builds the spec's base into a cache directory, announced, with a progress bar.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from p2o_jax.sft import SFTConfig, train_sft
 
 log = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
+WEIGHTS_FILE = "model.safetensors"
+SHIPPED_BASE_DIR = pathlib.Path(__file__).resolve().parent / "builtin_base"
+# Measured: the demo's base (1,500 steps of 16 x 256 tokens, 998k parameters) took 800-900 s on 2 idle cores.
+SFT_SECONDS_PER_STEP = 0.6
 
 
 def builtin_model_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
@@ -64,10 +72,14 @@ class BasePolicySpec:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def file_sha256(path: str | pathlib.Path) -> str:
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
 def build_base_policy(out_dir: str | pathlib.Path, spec: BasePolicySpec, *, show_progress: bool = True) -> pathlib.Path:
   """Random init, SFT on `spec.num_examples` corpus examples (none when spec.sft.steps == 0), save as HF directory.
 
-  `build_info.json` beside the weights records the spec and the SFT figures.
+  `build_info.json` beside the weights records the spec, its fingerprint, the weights' sha256 and the SFT figures.
   """
   start = time.perf_counter()
   tokenizer = build_char_tokenizer()
@@ -79,16 +91,43 @@ def build_base_policy(out_dir: str | pathlib.Path, spec: BasePolicySpec, *, show
     examples = corpus_examples(spec.world, spec.corpus, spec.num_examples, seed=spec.sft.seed)
     stats = train_sft(model, tokenizer, examples, spec.sft, show_progress=show_progress)
   path = _save(model, tokenizer, out_dir)
-  info = {"spec": dataclasses.asdict(spec), "sft": stats, "seconds": time.perf_counter() - start}
+  info = {"fingerprint": spec.fingerprint(), "spec": dataclasses.asdict(spec),
+          "weights_sha256": file_sha256(path / WEIGHTS_FILE), "sft": stats,
+          "seconds": time.perf_counter() - start}
   (path / BUILD_INFO).write_text(json.dumps(info, indent=2))
   return path
 
 
-def cached_base_policy(cache_dir: str | pathlib.Path, spec: BasePolicySpec) -> pathlib.Path:
-  """The base policy for `spec` under `cache_dir`, built on first use (the demo's: ~13.5 minutes on 2 idle cores),
-  then reused."""
+def build_info(path: str | pathlib.Path) -> dict:
+  """A base directory's build_info.json ({} when it has none)."""
+  info_path = pathlib.Path(path) / BUILD_INFO
+  return json.loads(info_path.read_text()) if info_path.is_file() else {}
+
+
+def shipped_base_matches(spec: BasePolicySpec) -> bool:
+  return build_info(SHIPPED_BASE_DIR).get("fingerprint") == spec.fingerprint()
+
+
+def estimated_build_minutes(spec: BasePolicySpec) -> float:
+  """Rough wall time of `build_base_policy` on 2 CPU cores (scales with tokens per step and model width)."""
+  tokens = spec.sft.rows * spec.sft.row_len / (16 * 256)
+  size = spec.num_layers * spec.hidden_size ** 2 / (4 * 128 ** 2)
+  return spec.sft.steps * SFT_SECONDS_PER_STEP * tokens * max(size, 0.1) / 60
+
+
+def base_policy_dir(cache_dir: str | pathlib.Path, spec: BasePolicySpec, *, rebuild: bool = False) -> pathlib.Path:
+  """The base policy for `spec`: the shipped one when its fingerprint matches (unless `rebuild`), else the one built
+  under `cache_dir`, building it first when it is missing or `rebuild` asks for it."""
+  if not rebuild and shipped_base_matches(spec):
+    log.info("built-in base policy: the one shipped with the package (%s, fingerprint %s)", SHIPPED_BASE_DIR,
+             spec.fingerprint())
+    return SHIPPED_BASE_DIR
   path = pathlib.Path(cache_dir) / f"base-{spec.fingerprint()}"
-  if not (path / "config.json").is_file():
-    log.info("building the built-in base policy in %s (SFT, %d steps; cached for later runs)", path, spec.sft.steps)
+  if rebuild or not (path / "config.json").is_file():
+    why = ("--rebuild_base" if rebuild else
+           f"this config's base (fingerprint {spec.fingerprint()}) is not the shipped one "
+           f"({build_info(SHIPPED_BASE_DIR).get('fingerprint', 'none')}) and not cached yet")
+    log.warning("building the built-in base policy (%s): SFT, %d steps, about %.0f minutes on 2 CPU cores; it is "
+                "cached in %s for later runs", why, spec.sft.steps, estimated_build_minutes(spec), path)
     build_base_policy(path, spec)
   return path
