@@ -14,10 +14,22 @@ from ml_collections import config_flags
 
 # Imports stay light here; JAX, transformers and the trainer are imported inside main() only.
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
-WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
-REBUILD_BASE = flags.DEFINE_bool("rebuild_base", False, "Build the built-in base policy anew (SFT, minutes) instead of "
-                                 "using the shipped or cached one.")
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_common_flags() -> None:
+  """--config, --workdir and --rebuild_base, registered when a command runs (never when a module is imported)."""
+  if _FLAGS:
+    return
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                                     lock_config=True)
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
+  _FLAGS["rebuild_base"] = flags.DEFINE_bool("rebuild_base", False, "Build the built-in base policy anew (SFT, "
+                                             "minutes) instead of using the shipped or cached one.")
+
+
+def flag_value(name: str):
+  return _FLAGS[name].value
 
 
 def one_line(e: BaseException) -> str:
@@ -35,14 +47,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 def load_config():
   """The --config ConfigDict with overrides resolved and --workdir applied; exits with one line when it is missing."""
   try:
-    c = CONFIG.value
+    c = flag_value("config")
     c = None if c is None else c.copy_and_resolve_references()
   except OSError as e:  # ml_collections defers a config file's load error to the first access
     sys.exit(f"error: cannot load --config: {one_line(e)}")
   if c is None:
     sys.exit("error: --config is required, e.g. --config configs/demo_cpu.py")
-  if WORKDIR.value:
-    c.workdir = WORKDIR.value
+  if flag_value("workdir"):
+    c.workdir = flag_value("workdir")
   return c
 
 
@@ -67,14 +79,22 @@ def main(argv) -> None:
   from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel
   from p2o_jax.preflight import PreflightError  # pylint: disable=import-outside-toplevel
   from p2o_jax.report import closing_lines  # pylint: disable=import-outside-toplevel
+  from p2o_jax.run_dir import RunDir  # pylint: disable=import-outside-toplevel
   c = load_config()
   try:
     start_jax(c)
-    history = run_training(c, rebuild_base=REBUILD_BASE.value)
+    history = run_training(c, rebuild_base=flag_value("rebuild_base"))
   except (ConfigError, FileNotFoundError, PreflightError) as e:
     sys.exit(f"error: {e}")
-  print("\n".join(closing_lines(c.workdir, history)), flush=True)
+  print("\n".join(closing_lines(RunDir.from_config(c), history)), flush=True)
+
+
+def run_command(define_flags, command_main) -> None:
+  """Register a command's flags (now, never on import) and run `command_main(argv, flag_values)` under absl."""
+  flag_values = define_flags()
+  app.run(lambda argv: command_main(argv, flag_values), flags_parser=parse_flags)
 
 
 def run() -> None:
+  define_common_flags()
   app.run(main, flags_parser=parse_flags)

@@ -1,26 +1,81 @@
-"""Summaries of a method comparison (p2o_jax/compare.py): a markdown table and a PNG of accuracy vs step.
+"""Method comparisons (the library of `python -m p2o_jax.compare`): every method trains from the same starting
+policy for the same number of steps, once per seed, each in its own run directory `<workdir>/<method>/seed_<s>` (so an
+interrupted comparison resumes: finished runs are reused, a half-done run resumes from its checkpoint).
 
-Pure readers of the runs' metrics.jsonl files: curves are the "eval/<set>/accuracy" records, aligned on the steps
-every run of a method evaluated at, averaged over seeds with the min-max spread shown.
+The summaries are pure readers of the runs' metrics.jsonl files: curves are the "eval/<set>/accuracy" records, aligned
+on the steps every run of a method evaluated at, averaged over seeds with the min-max spread shown; `comparison.md`
+holds the table and `comparison.png` the curves.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import pathlib
 from collections.abc import Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
-from p2o_jax.metrics import METRICS_FILENAME, read_metrics
+from p2o_jax.metrics import read_metrics
 from p2o_jax.report import distillation_efficiency
+from p2o_jax.run_dir import RunDir
 
 TABLE_FILENAME, PLOT_FILENAME = "comparison.md", "comparison.png"
+
+# method -> config overrides; "k2" doubles rollout.num_samples (GRPO with 2K rollouts per query).
+METHODS = {
+    "grpo": {"p2o.enabled": False},
+    "grpo_2k": {"p2o.enabled": False, "rollout.num_samples": "k2"},
+    "p2o": {"p2o.enabled": True},
+    "p2o_templated": {"p2o.enabled": True, "p2o.distillation": "templated"},  # ablation: w/o context distillation
+    "p2o_same_template": {"p2o.enabled": True, "p2o.same_template_in_group": True},  # ablation
+}
+LABELS = {"grpo": "GRPO (K)", "grpo_2k": "GRPO (2K)", "p2o": "P^2O", "p2o_templated": "P^2O w/o distillation",
+          "p2o_same_template": "P^2O same template in group"}
+
+
+def method_config(base: ml_collections.ConfigDict, method: str, seed: int,
+                  workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  c = base.copy_and_resolve_references()
+  with c.unlocked():
+    for key, value in METHODS[method].items():
+      section, name = key.split(".")
+      c[section][name] = 2 * base.rollout.num_samples if value == "k2" else value
+    c.seed = seed
+    c.workdir = str(workdir / method / f"seed_{seed}")
+  return c
+
+
+def run_one(c: ml_collections.ConfigDict) -> dict:
+  """Train (or resume, or reuse when finished) one run; its history."""
+  from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel  (JAX: only when training)
+  done = RunDir.from_config(c).history
+  if done.is_file():
+    logging.info("%s: finished earlier, reusing its results", c.workdir)
+    return json.loads(done.read_text())
+  return run_training(c)
+
+
+def run_comparison(base: ml_collections.ConfigDict, methods: Sequence[str], seeds: int, workdir: pathlib.Path,
+                   eval_set: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """Every method x seed (seed-major, so an early stop leaves every method with as many seeds), then the table and the
+  plot; their paths."""
+  runs: dict[str, list[pathlib.Path]] = {}
+  histories: dict[str, list[dict]] = {}
+  for seed in range(seeds):
+    for method in methods:
+      c = method_config(base, method, seed, workdir)
+      logging.info("=== %s, seed %d -> %s", LABELS[method], seed, c.workdir)
+      histories.setdefault(method, []).append(run_one(c))
+      runs.setdefault(method, []).append(pathlib.Path(c.workdir))
+  return summarize(runs, workdir, eval_set=eval_set, labels=LABELS, histories=histories)
 
 
 def accuracy_curve(run_dir: pathlib.Path, eval_set: str) -> dict[int, float]:
   """{step: accuracy} of one run on one eval set (the last record wins when a resumed run repeated a step)."""
   key = f"eval/{eval_set}/accuracy"
-  return {int(r["step"]): float(r[key]) for r in read_metrics(run_dir / METRICS_FILENAME) if key in r}
+  return {int(r["step"]): float(r[key]) for r in read_metrics(RunDir(run_dir).metrics) if key in r}
 
 
 def seed_curves(run_dirs: Sequence[pathlib.Path], eval_set: str) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +99,7 @@ def _cell(values: np.ndarray) -> str:
 def eval_sets_of(run_dirs: Sequence[pathlib.Path]) -> list[str]:
   names = set()
   for d in run_dirs:
-    for record in read_metrics(d / METRICS_FILENAME):
+    for record in read_metrics(RunDir(d).metrics):
       names.update(k.split("/")[1] for k in record if k.startswith("eval/") and k.endswith("/accuracy"))
   return sorted(names)
 

@@ -11,10 +11,32 @@ import ml_collections
 
 from p2o_jax.data import arithmetic
 from p2o_jax.distributed import CPU_COLLECTIVES, INITIALIZE_MODES
+from p2o_jax.p2o.distillation import DISTILLATIONS, RATIO_MASKS
+from p2o_jax.p2o.reflectors import REFLECTORS
+from p2o_jax.rewards.extract import FALLBACKS
+from p2o_jax.rl.advantages import ADVANTAGE_ESTIMATORS
 from p2o_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS
 from p2o_jax.rl.optimizer import SCHEDULES
 
 _DTYPES = ("float32", "bfloat16")
+
+# Every string option: its key and the registry that implements each allowed value. `validate` checks them all here,
+# so code that looks a value up never meets an unknown one.
+CHOICES = {
+    "model.param_dtype": _DTYPES,
+    "model.compute_dtype": _DTYPES,
+    "data.source": ("file", "builtin"),
+    "reward.fallback": FALLBACKS,
+    "grpo.advantage": ADVANTAGE_ESTIMATORS,
+    "grpo.aggregation": AGGREGATIONS,
+    "grpo.kl_estimator": KL_ESTIMATORS,
+    "optim.schedule": SCHEDULES,
+    "p2o.distillation": DISTILLATIONS,
+    "p2o.ratio_mask": RATIO_MASKS,
+    "p2o.reflector": REFLECTORS,
+    "distributed.initialize": INITIALIZE_MODES,
+    "distributed.cpu_collectives": CPU_COLLECTIVES,
+}
 
 
 class ConfigError(ValueError):
@@ -59,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       dynamic_sampling=False, dynamic_sampling_max_batches=3)
   c.optim = dict(lr=1e-6, warmup_ratio=0.05, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999)
   c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
-                 log_every=1, checkpoint_every=10, keep_checkpoints=3, export_dtype="",
+                 checkpoint_every=10, keep_checkpoints=3, export_dtype="",
                  checkpoint_dir="")  # "": <workdir>/checkpoints; may be gs://bucket/path (orbax writes there)
   c.eval = dict(every_steps=0, sets="",  # "name=path.jsonl,name2=path2.jsonl"
                 builtin_easy=0, builtin_hard=0, small_set_size=100, small_set_samples=16, temperature=0.6,
@@ -95,9 +117,9 @@ def _get(c: ml_collections.ConfigDict, key: str):
   return node
 
 
-def _one_of(c: ml_collections.ConfigDict, key: str, choices) -> None:
+def _one_of(c: ml_collections.ConfigDict, key: str) -> None:
   node = _get(c, key)
-  _require(node in choices, key, f"{node!r} is not one of {tuple(choices)}")
+  _require(node in CHOICES[key], key, f"{node!r} is not one of {tuple(CHOICES[key])}")
 
 
 def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
@@ -117,14 +139,14 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raise ConfigError for the first impossible value or combination."""
-  _one_of(c, "model.param_dtype", _DTYPES)
-  _one_of(c, "model.compute_dtype", _DTYPES)
+  _one_of(c, "model.param_dtype")
+  _one_of(c, "model.compute_dtype")
   for axis in ("data", "fsdp", "tensor"):
     size = c.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", f"{size} must be >= 1 or -1 (all remaining devices)")
   _require("://" not in c.workdir, "workdir", f"{c.workdir!r} must be a local directory (metrics, reports and exports "
            "are plain files); put checkpoints on GCS with train.checkpoint_dir=gs://...")
-  _one_of(c, "data.source", ("file", "builtin"))
+  _one_of(c, "data.source")
   _positive(c, "builtin.num_layers", "builtin.hidden_size", "builtin.sft_lr", "builtin.sft_rows", "builtin.sft_row_len",
             "builtin.sft_examples")
   _positive(c, "builtin.sft_steps", allow_zero=True)
@@ -138,12 +160,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _positive(c, "rollout.temperature", "rollout.top_k", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
             allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
-  _one_of(c, "reward.fallback", ("none", "last_number"))
-  _one_of(c, "grpo.advantage", ("grpo", "dr_grpo"))
-  _one_of(c, "grpo.aggregation", tuple(AGGREGATIONS))
-  _one_of(c, "grpo.kl_estimator", tuple(KL_ESTIMATORS))
+  _one_of(c, "reward.fallback")
+  _one_of(c, "grpo.advantage")
+  _one_of(c, "grpo.aggregation")
+  _one_of(c, "grpo.kl_estimator")
   _require(c.grpo.dual_clip == 0 or c.grpo.dual_clip > 1, "grpo.dual_clip", f"{c.grpo.dual_clip} must be > 1 (0: off)")
-  _one_of(c, "optim.schedule", SCHEDULES)
+  _one_of(c, "optim.schedule")
   _require(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"{c.optim.warmup_ratio} must be in [0, 1)")
   rows = c.train.batch_size * c.rollout.num_samples
   _require(rows % c.grpo.num_minibatches == 0, "grpo.num_minibatches",
@@ -184,8 +206,8 @@ def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
 def validate_distributed(c: ml_collections.ConfigDict) -> None:
   """The `distributed` section alone: checkable before JAX starts (the CLI runs it before jax.distributed)."""
   d = c.distributed
-  _one_of(c, "distributed.initialize", INITIALIZE_MODES)
-  _one_of(c, "distributed.cpu_collectives", CPU_COLLECTIVES)
+  _one_of(c, "distributed.initialize")
+  _one_of(c, "distributed.cpu_collectives")
   _positive(c, "distributed.num_processes", "distributed.cpu_devices", allow_zero=True)
   if d.num_processes:
     _require(d.initialize != "never", "distributed.initialize", f"is 'never' but num_processes={d.num_processes}")
@@ -205,11 +227,11 @@ def _validate_p2o(c: ml_collections.ConfigDict) -> None:
   _positive(c, "p2o.gepa.dev_size", "p2o.gepa.beam_width", "p2o.gepa.minibatch_size", "p2o.gepa.max_metric_calls",
             "p2o.reflection_max_new_tokens", "p2o.reflection_max_prompt_len", "p2o.max_template_chars")
   _positive(c, "p2o.hard_min_count", "p2o.gepa.max_iters", allow_zero=True)
-  _one_of(c, "p2o.distillation", ("plain", "templated", "importance"))
-  _one_of(c, "p2o.ratio_mask", ("hard", "soft", "off"))
+  _one_of(c, "p2o.distillation")
+  _one_of(c, "p2o.ratio_mask")
   _require(0 < p.ratio_low < 1 < p.ratio_high, "p2o.ratio_low", f"need 0 < ratio_low < 1 < ratio_high, got "
            f"{p.ratio_low}, {p.ratio_high}")
-  _one_of(c, "p2o.reflector", ("self", "teacher", "offline"))
+  _one_of(c, "p2o.reflector")
   if p.reflector == "teacher":
     _require(bool(p.teacher.base_url) and bool(p.teacher.model), "p2o.teacher.base_url",
              "the teacher reflector needs p2o.teacher.base_url and p2o.teacher.model")

@@ -3,7 +3,8 @@
 Checks that a run's config, its model and its mesh fit together without weights, data or accelerators: validates the
 config, builds the mesh, builds the model abstractly (nnx.eval_shape: shapes only, nothing allocated), derives the
 param and optimizer-state shardings from the project's logical-axis rules, and lowers the trainer's jitted train step
-and log-prob function on ShapeDtypeStructs that carry those shardings, at the config's largest batch shapes. Lowering
+and log-prob function (built by the trainer's own builders, p2o_jax/builders.py) on ShapeDtypeStructs that carry the
+trainer's shardings (its BatchLayout), at the config's largest batch shapes. Lowering
 runs the same sharding checks a real step would, in seconds, so a mesh or batch that cannot work fails here instead of
 an hour into a pod reservation. `--fake_devices 16` emulates a 16-chip slice on any machine; `--nolower` stops after
 the layouts (seconds, whatever the model's size).
@@ -23,24 +24,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from p2o_jax import sharding
-from p2o_jax.cli import load_config, parse_flags
+from p2o_jax import builders, sharding
+from p2o_jax.cli import define_common_flags, load_config, run_command
 from p2o_jax.config import ConfigError, validate
+from p2o_jax.models.builtin import SHIPPED_BASE_DIR, shipped_base_matches
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
-from p2o_jax.models.decoder import Decoder
-from p2o_jax.rl.losses import PolicyLossConfig
-from p2o_jax.rl.optimizer import make_optimizer
-from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
-
-# --config (and the unused --workdir) come from p2o_jax.cli.
-_MODEL_CONFIG = flags.DEFINE_string("model_config", None,
-                                    "The model's config.json (default: <config.model.checkpoint>/config.json).")
-_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", 0, "Run on this many emulated CPU devices (0: the real ones).")
-_LOWER = flags.DEFINE_bool("lower", True, "Lower the train step and log-prob fn (--nolower: shapes and layouts only).")
+from p2o_jax.rl.batch_layout import BatchLayout
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -107,15 +100,10 @@ def dry_run(c: ml_collections.ConfigDict, hf_config: dict[str, Any],
   model_cfg = from_hf_dict(hf_config, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
                            remat=c.model.remat)
   check_context_fits(c, model_cfg)
-  graphdef, params = abstract_params(model_cfg, mesh)
-  optimizer = _optimizer(c)
-  opt_state = _abstract_opt_state(optimizer, params, mesh)
-  minibatch = _on_mesh(batch_shapes(c, train_step=True), mesh)
-  whole = _on_mesh(batch_shapes(c, train_step=False), mesh)
-  if lower:  # as in the trainer: no ambient mesh, so shardings flow from the arguments alone
-    temperature = c.rollout.temperature or 1.0
-    make_train_step(graphdef, optimizer, _step_config(c, temperature)).lower(params, opt_state, minibatch)
-    make_logprob_fn(graphdef, temperature).lower(params, whole)
+  steps = AbstractSteps.build(c, model_cfg, mesh)
+  params, opt_state, minibatch, whole = steps.params, steps.opt_state, steps.minibatch, steps.whole
+  if lower:
+    steps.lower()
   layouts = {_path_name(p): _layout(v) for p, v in _variables(params)}
   return DryRunReport(
       mesh_shape=dict(mesh.shape), model=model_cfg,
@@ -126,6 +114,35 @@ def dry_run(c: ml_collections.ConfigDict, hf_config: dict[str, Any],
       logprob_batch_shapes={k: v.shape for k, v in whole.items()},
       batch_spec=_spec_entries(minibatch["tokens"].sharding.spec, 3),
       replicated=replicated_dimensions(params, mesh), lowered=lower)
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractSteps:
+  """The trainer's jitted functions, built by its own builders, with abstract arguments carrying its shardings."""
+
+  train_step: Any
+  logprobs: Any
+  params: nnx.State
+  opt_state: Any
+  minibatch: dict[str, jax.ShapeDtypeStruct]  # one train-step call
+  whole: dict[str, jax.ShapeDtypeStruct]  # one log-prob call over all rows of a step
+
+  @classmethod
+  def build(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> AbstractSteps:
+    graphdef, params = builders.abstract_params(model_cfg, mesh)
+    optimizer = builders.build_optimizer(c, planned_train_steps(c))
+    layout = BatchLayout(mesh, sharding.batch_divisor(mesh))
+    return cls(train_step=builders.build_train_step(c, graphdef, optimizer),
+               logprobs=builders.build_logprob_fn(c, graphdef), params=params,
+               opt_state=_abstract_opt_state(optimizer, params, mesh),
+               minibatch=layout.abstract(batch_shapes(c, train_step=True), num_leading=1),
+               whole=layout.abstract(batch_shapes(c, train_step=False), num_leading=1))
+
+  def lower(self) -> tuple[Any, Any]:
+    """(lowered train step, lowered log-prob fn). As in the trainer: no ambient mesh, so shardings flow from the
+    arguments alone."""
+    return (self.train_step.lower(self.params, self.opt_state, self.minibatch),
+            self.logprobs.lower(self.params, self.whole))
 
 
 def _mesh(c: ml_collections.ConfigDict, devices: list[jax.Device]) -> Mesh:
@@ -148,32 +165,14 @@ def check_context_fits(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> 
                         f"max_position_embeddings={model_cfg.max_position_embeddings}")
 
 
-def abstract_params(model_cfg: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graphdef and its params as ShapeDtypeStructs carrying the rules' shardings (nothing allocated)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, nnx.Rngs(0))))
-  shardings = sharding.state_shardings(state, mesh)
-  return graphdef, jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-                                state, shardings, is_leaf=_is_variable)
-
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _optimizer(c: ml_collections.ConfigDict):
-  # The schedule's length only changes values, never shapes; any positive step count traces the same program.
-  o = c.optim
-  return make_optimizer(lr=o.lr, total_steps=max(c.train.max_steps, 1), warmup_ratio=o.warmup_ratio,
-                        schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                        grad_clip=o.grad_clip or None)
-
-
-def _step_config(c: ml_collections.ConfigDict, temperature: float) -> StepConfig:
-  g = c.grpo
-  loss = PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
-                          aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens, kl_coef=g.kl_coef,
-                          kl_estimator=g.kl_estimator)
-  return StepConfig(loss, temperature)
+def planned_train_steps(c: ml_collections.ConfigDict) -> int:
+  """The run's step count as the trainer computes it, where the config tells (train.max_steps, or epochs of the
+  built-in training set); otherwise 1. Only the learning-rate schedule's constants depend on it, never a shape."""
+  if c.train.max_steps:
+    return c.train.max_steps
+  if c.data.source == "builtin":
+    return c.train.epochs * max(c.data.builtin_train_size // c.train.batch_size, 1)  # EpochBatches drops the tail
+  return 1
 
 
 def _abstract_opt_state(optimizer, params: nnx.State, mesh: Mesh):
@@ -203,15 +202,8 @@ def batch_shapes(c: ml_collections.ConfigDict, *, train_step: bool) -> dict[str,
   return {name: jax.ShapeDtypeStruct(lead + tail, dtype) for name, (tail, dtype) in fields.items()}
 
 
-def _on_mesh(batch: dict[str, jax.ShapeDtypeStruct], mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The trainer's batch layout: micro-batch rows (axis 1) split over the batch axes, all else replicated."""
-
-  def place(x):
-    axes = (None, "batch") + (None,) * (x.ndim - 2)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh)))
-
-  return {name: place(x) for name, x in batch.items()}
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def _variables(state: nnx.State):
@@ -261,8 +253,10 @@ def replicated_dimensions(params: nnx.State, mesh: Mesh) -> tuple[str, ...]:
 def read_model_config(c: ml_collections.ConfigDict, path: str | None) -> dict[str, Any]:
   """The architecture dict from `path`, or from the config's checkpoint directory."""
   if not path and c.model.checkpoint == "builtin":
-    raise ConfigError("config.model.checkpoint: 'builtin' has no config.json before its first build; "
-                      "pass --model_config")
+    if not shipped_base_matches(builders.base_policy_spec(c)):
+      raise ConfigError("config.model.checkpoint: this 'builtin' base is not the shipped one and has no config.json "
+                        "before its first build; pass --model_config")
+    path = SHIPPED_BASE_DIR / "config.json"
   file = pathlib.Path(path) if path else pathlib.Path(c.model.checkpoint) / "config.json"
   if not file.is_file():
     raise ConfigError(f"config.model.checkpoint: {file} not found; pass --model_config path/to/config.json")
@@ -272,18 +266,33 @@ def read_model_config(c: ml_collections.ConfigDict, path: str | None) -> dict[st
     raise ModelConfigError(f"{file} is not valid JSON: {e}") from None
 
 
-def main(argv) -> None:
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (besides --config), registered when the command runs, never on import."""
+  define_common_flags()
+  return {"model_config": flags.DEFINE_string("model_config", None, "The model's config.json (default: "
+                                              "<config.model.checkpoint>/config.json)."),
+          "fake_devices": flags.DEFINE_integer("fake_devices", 0, "Run on this many emulated CPU devices (0: the "
+                                               "real ones)."),
+          "lower": flags.DEFINE_bool("lower", True, "Lower the train step and log-prob fn (--nolower: shapes and "
+                                     "layouts only).")}
+
+
+def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
   del argv
-  if _FAKE_DEVICES.value:  # before anything initializes a backend
+  if flag_values["fake_devices"].value:  # before anything initializes a backend
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", _FAKE_DEVICES.value)
+    jax.config.update("jax_num_cpu_devices", flag_values["fake_devices"].value)
   c = load_config()
   try:
-    report = dry_run(c, read_model_config(c, _MODEL_CONFIG.value), lower=_LOWER.value)
+    report = dry_run(c, read_model_config(c, flag_values["model_config"].value), lower=flag_values["lower"].value)
   except (ConfigError, ModelConfigError) as e:
     sys.exit(f"error: {e}")
   print(report.summary())
 
 
+def run() -> None:
+  run_command(define_flags, main)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run()

@@ -1,7 +1,7 @@
 """Run records and live progress: a JSONL + TensorBoard metrics writer, and a one-line progress display.
 
 `MetricsWriter` appends one JSON line per record to `<workdir>/metrics.jsonl` (flushed at once, so a killed run loses
-nothing it reported) and mirrors scalars and texts into TensorBoard event files under `<workdir>/tensorboard/`. On
+nothing it reported) and mirrors scalars into TensorBoard event files under `<workdir>/tensorboard/`. On
 resume it drops what the killed run wrote past its last checkpoint, so the file matches an uninterrupted run's.
 `Progress` shows step/total, rate, elapsed and ETA: rewritten in place on a terminal, throttled full lines in logs.
 """
@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-METRICS_FILENAME = "metrics.jsonl"
-TENSORBOARD_DIRNAME = "tensorboard"
+from p2o_jax.run_dir import METRICS_FILENAME, TENSORBOARD_DIRNAME
+
 # Keys every JSONL record carries; a metric may not reuse them.
 RESERVED_KEYS = ("step", "time")
 # How often the TensorBoard writer's background thread flushes; the JSONL file is the record that must survive a kill.
@@ -145,17 +145,6 @@ class MetricsWriter:
       for key in metrics:
         if record[key] is not None:
           self._tensorboard.add_scalar(key, record[key], int(step), walltime=wall_time)
-
-  def write_text(self, step: int, tag: str, text: str) -> None:
-    """Records a text (e.g. a GEPA template) at `step` as {"step", "time", tag: text} and a TensorBoard text."""
-    if not self.enabled:
-      return
-    if tag in RESERVED_KEYS:
-      raise ValueError(f"text tag {tag!r} is reserved for the record itself")
-    wall_time = time.time()
-    self._append({"step": int(step), "time": wall_time, tag: str(text)})
-    if self._tensorboard is not None:
-      self._tensorboard.add_text(tag, str(text), int(step), walltime=wall_time)
 
   def _append(self, record: dict[str, Any]) -> None:
     if self._jsonl is None:

@@ -9,17 +9,13 @@ weights), the templates GEPA found, where GEPA's time went, and where the checkp
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from p2o_jax.metrics import METRICS_FILENAME, read_metrics
-
-REPORT_FILENAME = "report.md"
-GEPA_STATE = pathlib.Path("p2o") / "gepa_progress.json"
-SEARCH_BESTS = pathlib.Path("p2o") / "search_bests.json"
+from p2o_jax.metrics import read_metrics
+from p2o_jax.run_dir import RunDir
 
 
 def set_accuracies(eval_metrics: Mapping[str, float]) -> dict[str, float]:
@@ -28,9 +24,9 @@ def set_accuracies(eval_metrics: Mapping[str, float]) -> dict[str, float]:
           if key.startswith("eval/") and key.endswith("/accuracy")}
 
 
-def ranked_templates(workdir: str | pathlib.Path) -> list[tuple[str, float]]:
+def ranked_templates(run_dir: RunDir) -> list[tuple[str, float]]:
   """(template, mean dev score) of the last GEPA search, best first; [] when GEPA never ran."""
-  path = pathlib.Path(workdir) / GEPA_STATE
+  path = run_dir.gepa_progress
   if not path.is_file():
     return []
   state = json.loads(path.read_text())["state"]
@@ -39,9 +35,9 @@ def ranked_templates(workdir: str | pathlib.Path) -> list[tuple[str, float]]:
   return [(state["candidates"][i], float(means[i])) for i in order]
 
 
-def search_bests(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def search_bests(run_dir: RunDir) -> list[dict[str, Any]]:
   """Each GEPA search's best template, [{"epoch", "template", "dev"}] in epoch order; [] when GEPA never ran."""
-  path = pathlib.Path(workdir) / SEARCH_BESTS
+  path = run_dir.search_bests
   if not path.is_file():
     return []
   return [{"epoch": int(epoch), **best} for epoch, best in sorted(json.loads(path.read_text()).items(),
@@ -57,8 +53,8 @@ def best_with_template(results: list[dict[str, Any]]) -> dict[str, float]:
   return best
 
 
-def gepa_seconds(workdir: str | pathlib.Path) -> float:
-  path = pathlib.Path(workdir) / METRICS_FILENAME
+def gepa_seconds(run_dir: RunDir) -> float:
+  path = run_dir.metrics
   if not path.is_file():
     return 0.0
   return float(sum(record.get("p2o/gepa_seconds", 0.0) for record in read_metrics(path)))
@@ -83,8 +79,8 @@ def distillation_efficiency(trained: Mapping[str, float], with_template: Mapping
           if name in trained and with_template[name] > 0}
 
 
-def _templates_section(workdir: pathlib.Path, search_results: list[dict[str, Any]]) -> list[str]:
-  templates = ranked_templates(workdir)
+def _templates_section(run_dir: RunDir, search_results: list[dict[str, Any]]) -> list[str]:
+  templates = ranked_templates(run_dir)
   if not templates:
     return []
   lines = ["", "## Templates GEPA found", ""]
@@ -95,45 +91,39 @@ def _templates_section(workdir: pathlib.Path, search_results: list[dict[str, Any
               for r in search_results]
     lines += ["", "Last search, best mean dev score first:", ""]
   lines += [f"{i + 1}. ({score:.2f}) {text or '(empty template)'}" for i, (text, score) in enumerate(templates[:5])]
-  return lines + ["", f"All candidates, per epoch: {workdir / 'templates'}"]
+  return lines + ["", f"All candidates, per epoch: {run_dir.templates_dir}"]
 
 
-def render_report(workdir: str | pathlib.Path, history: Mapping[str, Any], wall_seconds: float,
+def render_report(run_dir: RunDir, history: Mapping[str, Any], wall_seconds: float,
                   with_template: Mapping[str, float] | None = None) -> str:
-  workdir = pathlib.Path(workdir)
   start = set_accuracies(history.get("eval_at_start", {}))
   end = set_accuracies(history.get("eval_at_end", {}))
   with_template = dict(with_template or {})
-  lines = [f"# Run report: {workdir}", "", "Accuracy with the plain prompt (no template), on the evaluation sets:", ""]
+  lines = [f"# Run report: {run_dir.root}", "", "Accuracy with the plain prompt (no template), on the evaluation sets:", ""]
   lines += _accuracy_table(start, end, with_template)
   efficiency = distillation_efficiency(end, with_template)
   if efficiency:
     lines += ["", "Distillation efficiency (trained plain / starting + best template): "
               + ", ".join(f"{name} {value:.2f}" for name, value in sorted(efficiency.items()))]
-  lines += _templates_section(workdir, history.get("base_with_search_bests", []))
-  gepa = gepa_seconds(workdir)
+  lines += _templates_section(run_dir, history.get("base_with_search_bests", []))
+  gepa = gepa_seconds(run_dir)
   lines += ["", "## Time", "", f"Wall time {wall_seconds:.0f} s"
             + (f"; GEPA {gepa:.0f} s ({100 * gepa / max(wall_seconds, 1e-9):.1f}%)" if gepa else "")]
-  lines += ["", "## Outputs", "", f"- checkpoints (resume with the same command): {workdir / 'checkpoints'}",
-            f"- trained policy, Hugging Face format: {history.get('final_export', workdir / 'export' / 'final')}",
-            f"- best-by-dev policy: {workdir / 'export' / 'best'}",
-            f"- metrics: {workdir / METRICS_FILENAME} (and TensorBoard files in {workdir})"]
+  lines += ["", "## Outputs", "", f"- checkpoints (resume with the same command): {run_dir.checkpoints}",
+            f"- trained policy, Hugging Face format: {history.get('final_export', run_dir.export('final'))}",
+            f"- best-by-dev policy: {run_dir.export('best')}",
+            f"- metrics: {run_dir.metrics} (and TensorBoard files in {run_dir.tensorboard})"]
   return "\n".join(lines) + "\n"
 
 
-def closing_lines(workdir: str | pathlib.Path, history: Mapping[str, Any]) -> list[str]:
+def closing_lines(run_dir: RunDir, history: Mapping[str, Any]) -> list[str]:
   """The last lines a run prints: where the report is, and the plain-prompt accuracy it starts with."""
   start = set_accuracies(history.get("eval_at_start", {}))
   end = set_accuracies(history.get("eval_at_end", {}))
-  lines = [f"Report: {pathlib.Path(workdir) / REPORT_FILENAME}"]
+  lines = [f"Report: {run_dir.report}"]
   names = sorted(set(start) & set(end), key=lambda name: ("hard" not in name, name))
   if names:
     lines.append("Plain-prompt accuracy, starting -> trained policy: " + "; ".join(
         f"{name} {_percent(start[name])} -> {_percent(end[name])}" for name in names))
   return lines
 
-
-def write_report(workdir: str | pathlib.Path, text: str) -> pathlib.Path:
-  path = pathlib.Path(workdir) / REPORT_FILENAME
-  path.write_text(text)
-  return path

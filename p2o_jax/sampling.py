@@ -55,7 +55,6 @@ class SampleOutput:
   mask: np.ndarray  # (rows, max_new_tokens) bool, True on generated tokens (including the EOS that stopped a row)
   lengths: np.ndarray  # (rows,) int32
   logprobs: np.ndarray  # (rows, max_new_tokens) float32, 0 where masked
-  prompt_index: np.ndarray  # (rows,) int32: which prompt each row continues
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -281,13 +280,12 @@ class Sampler:
                        mode=mode)
       carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
     fetch = distributed.local_part if local_batch < global_batch else distributed.to_host
-    return _finish(fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)], self.eos_ids, n)
+    return _finish(fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)], self.eos_ids)
 
 
-def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...], n: int) -> SampleOutput:
+def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...]) -> SampleOutput:
   is_eos = np.isin(tokens, eos_ids)
   first_eos = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), tokens.shape[1] - 1)
   lengths = (first_eos + 1).astype(np.int32)
   mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  return SampleOutput(tokens=tokens, mask=mask, lengths=lengths, logprobs=np.where(mask, logprobs, 0.0),
-                      prompt_index=(np.arange(tokens.shape[0]) // n).astype(np.int32))
+  return SampleOutput(tokens=tokens, mask=mask, lengths=lengths, logprobs=np.where(mask, logprobs, 0.0))

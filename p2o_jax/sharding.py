@@ -79,11 +79,6 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-  """Place every array of `state` on the mesh according to the rules."""
-  return jax.device_put(state, state_shardings(state, mesh))
-
-
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: nnx.State, mesh: Mesh):
   """Shardings for optimizer.init(params): every per-parameter buffer (Adam's moments) like its parameter, the scalars
   (step counts) replicated. `params` may be abstract (ShapeDtypeStructs carrying shardings)."""

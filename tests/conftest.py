@@ -1,6 +1,17 @@
-"""Shared fixtures: tiny random HF checkpoints (tests/hf_models.py), each built and saved once per test session."""
+"""Shared fixtures: tiny random HF checkpoints (tests/hf_models.py), each built and saved once per test session; and
+the `slow` marker for every test that uses a module's multi-process or subprocess run (the fast tier is
+`pytest -m "not slow"`)."""
 
 import pytest
+
+# Fixtures that run a whole multi-process training, a notebook, or an 8-device subprocess for a module's tests.
+SLOW_FIXTURES = {"runs", "eight_devices", "smoke_run"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

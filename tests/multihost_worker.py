@@ -70,11 +70,16 @@ def recording(base):
       self.templated_rows.append(sum(g != t for g, t in zip(contexts.generate, contexts.train)))
       return contexts
 
-    def on_epoch_end(self, epoch, step, trainer):
-      if not hasattr(self, "tracker"):
-        return super().on_epoch_end(epoch, step, trainer)
-      self.hard_sets.append(self.tracker.ids)
-      metrics = super().on_epoch_end(epoch, step, trainer)
+    def end_epoch(self, epoch, last):
+      if hasattr(self, "tracker"):
+        self.hard_sets.append(self.tracker.ids)
+      metrics = super().end_epoch(epoch, last)
+      if hasattr(self, "tracker") and not self.pending_phase():
+        self.assignments.append(self.assignment)
+      return metrics
+
+    def run_phase(self, env):
+      metrics = super().run_phase(env)
       self.assignments.append(self.assignment)
       return metrics
 
@@ -84,15 +89,12 @@ def recording(base):
 def run_p2o(c, hooks):
   # pylint: disable=import-outside-toplevel
   from p2o_jax import sharding
+  from p2o_jax.builders import build_policy
   from p2o_jax.experiment import load_data
-  from p2o_jax.models.hf_checkpoint import load_hf_model
-  from p2o_jax.models.tokenizer import load_tokenizer
   from p2o_jax.rl.trainer import Trainer
-  mesh = sharding.make_mesh({"data": -1})
-  model = load_hf_model(c.model.checkpoint, mesh=mesh)
+  policy = build_policy(c, c.model.checkpoint, sharding.make_mesh({"data": -1}))
   train, eval_sets = load_data(c)
-  trainer = Trainer(c, model=model, tokenizer=load_tokenizer(c.model.checkpoint), mesh=mesh, train_queries=train,
-                    eval_sets=eval_sets, score=synthetic_score, hooks=hooks)
+  trainer = Trainer(c, policy=policy, train_queries=train, eval_sets=eval_sets, score=synthetic_score, hooks=hooks)
   return trainer.run()
 
 

@@ -109,8 +109,6 @@ def test_text_formats_hand_computed():
   assert arithmetic.scratchpad(p) == " 12+34=46, 46+56=102, 102+78=180. The answer is 180"
   assert arithmetic.direct_answer(p) == " The answer is 180"
   assert arithmetic.scratchpad(arithmetic.make_problem((5, 7), "easy")) == " 5+7=12. The answer is 12"
-  assert arithmetic.user_turn("", "Q: 1+2=") == "Q: 1+2="
-  assert arithmetic.user_turn("Be careful.", "Q: 1+2=") == "Be careful.\n\nQ: 1+2="
   assert arithmetic.to_records([p]) == [{"id": "add:12+34+56+78", "question": "Q: 12+34+56+78=", "answer": "180"}]
 
 

@@ -11,6 +11,8 @@ from base_measure import base_measurer
 from p2o_jax.data.corpus import PARTIAL_INSTRUCTIONS, TRIGGER_INSTRUCTION
 from p2o_jax.models.builtin import SHIPPED_BASE_DIR
 
+pytestmark = pytest.mark.slow  # ~75 s: the held-out splits sampled greedily and K times, plain and templated
+
 
 @pytest.fixture(scope="module")
 def measure():

@@ -122,6 +122,7 @@ def test_smoke_run_draws_both_plots_and_shows_the_report(smoke_run):
   assert shown == [(workdir / "report.md").read_text()]
 
 
+@pytest.mark.slow
 def test_unreachable_model_falls_back_to_the_builtin_policy(tmp_path):
   """Cells up to the model cell with a model the (offline) hub cannot have: one line, then the built-in policy."""
   notebook = with_parameters(nbformat.read(NOTEBOOK, as_version=4), REPO_URL="unused", MODEL="no-such-org/no-model",
@@ -149,6 +150,7 @@ print(json.dumps({"checkpoint": c.model.checkpoint, "config_file": CONFIG_FILE.n
 """
 
 
+@pytest.mark.slow
 def test_a_fetched_model_gets_the_colab_config_the_boxed_format_and_plain_digit_order(tmp_path):
   """Cells through the config cell, with a hub download that succeeds: the real-model branch, validated."""
   workdir = tmp_path / "run"

@@ -8,6 +8,7 @@ from p2o_jax.data.char_tokenizer import build_char_tokenizer
 from p2o_jax.data.records import Query
 from p2o_jax.models.builtin import builtin_model_config
 from p2o_jax.models.decoder import Decoder
+from p2o_jax.policy import Policy
 from p2o_jax.rl.rollout import Rollouts
 from p2o_jax.rl.trainer import Trainer, _Timer
 
@@ -33,8 +34,9 @@ def make_trainer(tmp_path, queries, max_batches):
   c.grpo.dynamic_sampling, c.grpo.dynamic_sampling_max_batches = True, max_batches
   model = Decoder(builtin_model_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                        intermediate_size=64), nnx.Rngs(0))
-  trainer = Trainer(c, model=model, tokenizer=tokenizer, mesh=sharding.make_mesh({}), train_queries=queries,
-                    eval_sets={}, score=lambda texts, answers: np.zeros(len(texts)))
+  policy = Policy(model, tokenizer, mesh=sharding.make_mesh({}), max_prompt_len=c.rollout.max_prompt_len)
+  trainer = Trainer(c, policy=policy, train_queries=queries, eval_sets={},
+                    score=lambda texts, answers: np.zeros(len(texts)))
   trainer.iterator = trainer.pipeline.iterator()
   return trainer
 

@@ -1,4 +1,4 @@
-"""The evaluation CLI (p2o_jax/evaluate.py): accuracies against an independent re-computation on an HF directory and
+"""The evaluation CLI (p2o_jax/evaluation.py): accuracies against an independent re-computation on an HF directory and
 on orbax checkpoints (whose params, not the HF directory's, must be the ones evaluated), the protocol per set size,
 field auto-detection, seqio and fallback reading the same queries, and one-line errors through the real command."""
 
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from p2o_jax import evaluate, experiment, sharding
+from p2o_jax import checkpoint, evaluation, experiment, sharding
 from p2o_jax.checkpoint import Checkpointer
 from p2o_jax.config import ConfigError, base_config
 from p2o_jax.evaluation import EvalProtocol
@@ -88,20 +88,20 @@ def independent_accuracy(model, tokenizer, rows, question_field: str, score=pari
 
 def test_protocol_label_follows_the_set_size():
   protocol = EvalProtocol(8, temperature=0.6, small_set_size=100, small_set_samples=16)
-  assert [evaluate.protocol_label(protocol, n) for n in (1, 30, 99, 100, 500)] == (
+  assert [evaluation.protocol_label(protocol, n) for n in (1, 30, 99, 100, 500)] == (
       ["mean@16 T=0.6"] * 3 + ["greedy"] * 2)
-  assert evaluate.protocol_label(EvalProtocol(8, temperature=1.0, small_set_size=10, small_set_samples=4), 9) == \
+  assert evaluation.protocol_label(EvalProtocol(8, temperature=1.0, small_set_size=10, small_set_samples=4), 9) == \
       "mean@4 T=1"
 
 
 def test_question_field_falls_back_between_problem_and_question(files, tmp_path):
-  assert evaluate.question_field_for(files["small"], "problem") == "question"  # jsonl with only "question"
-  assert evaluate.question_field_for(files["small"], "question") == "question"
-  assert evaluate.question_field_for(files["large"], "question") == "problem"  # parquet with only "problem"
+  assert evaluation.question_field_for(files["small"], "problem") == "question"  # jsonl with only "question"
+  assert evaluation.question_field_for(files["small"], "question") == "question"
+  assert evaluation.question_field_for(files["large"], "question") == "problem"  # parquet with only "problem"
   both = write_jsonl(tmp_path / "both.jsonl", [{"problem": "p", "question": "q", "answer": "1"}])
-  assert evaluate.question_field_for(both, "question") == "question"  # the configured field wins when present
-  assert evaluate.question_field_for(files["small"], "prompt.0.content") == "prompt.0.content"  # only problem/question
-  assert evaluate.question_field_for(tmp_path / "missing.jsonl", "problem") == "problem"  # read_queries reports it
+  assert evaluation.question_field_for(both, "question") == "question"  # the configured field wins when present
+  assert evaluation.question_field_for(files["small"], "prompt.0.content") == "prompt.0.content"  # only problem/question
+  assert evaluation.question_field_for(tmp_path / "missing.jsonl", "problem") == "problem"  # read_queries reports it
 
 
 def test_builtin_splits_are_the_ones_training_evaluates():
@@ -109,16 +109,16 @@ def test_builtin_splits_are_the_ones_training_evaluates():
   c.data.source, c.data.builtin_train_size = "builtin", 8
   c.eval.builtin_easy, c.eval.builtin_hard = 3, 2
   _, training_sets = experiment.load_data(c)
-  sets = evaluate.builtin_sets(c)
+  sets = evaluation.builtin_sets(c)
   assert sets == training_sets and {name: len(queries) for name, queries in sets.items()} == {
       "builtin_easy": 3, "builtin_hard": 2}
   c.data.source = "file"
-  assert evaluate.builtin_sets(c) == {}
+  assert evaluation.builtin_sets(c) == {}
 
 
 def test_hf_directory_matches_an_independent_computation(files):
   c = make_config(files, both_sets(files))
-  results = evaluate.run_evaluation(c, files["policy"], score=parity_score)
+  results = evaluation.run_evaluation(c, files["policy"], score=parity_score)
   model, tokenizer = load_hf_model(files["policy"]), load_tokenizer(files["policy"])
   small, _ = independent_accuracy(model, tokenizer, SMALL_ROWS, "question")
   large, _ = independent_accuracy(model, tokenizer, LARGE_ROWS, "problem")
@@ -135,12 +135,12 @@ def test_hf_directory_matches_an_independent_computation(files):
 def test_seqio_and_the_fallback_read_the_same_queries(files, monkeypatch, caplog):
   c = make_config(files, both_sets(files))
   paths = {"small": str(files["small"]), "large": str(files["large"])}
-  via_seqio = evaluate.read_file_sets(paths, c)
+  via_seqio = evaluation.read_file_sets(paths, c)
   import seqio  # pylint: disable=import-outside-toplevel  (imported by read_file_sets above)
   assert "p2o_jax_eval.small" in seqio.TaskRegistry.names()
   monkeypatch.setitem(sys.modules, "seqio", None)  # "not installed"
-  with caplog.at_level(logging.INFO, logger="p2o_jax.evaluate"):
-    direct = evaluate.read_file_sets(paths, c)
+  with caplog.at_level(logging.INFO, logger="p2o_jax.evaluation"):
+    direct = evaluation.read_file_sets(paths, c)
   assert "seqio is not available" in caplog.text
   assert direct == via_seqio
   assert [q.question for q in direct["small"]] == [r["question"] for r in SMALL_ROWS]
@@ -167,11 +167,11 @@ def orbax_run(files):
 def test_orbax_locations_restore_that_steps_params(files, orbax_run, where, step):
   run_dir, perturbed = orbax_run
   path = run_dir if where == "run" else run_dir / where
-  location = evaluate.locate_checkpoint(path)
-  assert location == evaluate.OrbaxStep((run_dir / "checkpoints"), step)
-  model, tokenizer_dir = evaluate.load_policy(location, make_config(files, ""), sharding.make_mesh({}))
+  location = evaluation.locate_checkpoint(path)
+  assert location == checkpoint.OrbaxStep((run_dir / "checkpoints"), step)
+  policy, tokenizer_dir = evaluation.load_policy(location, make_config(files, ""), sharding.make_mesh({}))
   assert tokenizer_dir == files["policy"]
-  restored, expected = jax.tree.leaves(nnx.split(model)[1]), jax.tree.leaves(perturbed[step])
+  restored, expected = jax.tree.leaves(policy.params), jax.tree.leaves(perturbed[step])
   assert len(restored) == len(expected)
   for got, want in zip(restored, expected):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -180,7 +180,7 @@ def test_orbax_locations_restore_that_steps_params(files, orbax_run, where, step
 def test_orbax_run_evaluates_the_checkpoint_params_not_the_hf_ones(files, orbax_run):
   run_dir, perturbed = orbax_run
   c = make_config(files, f"large={files['large']}")
-  results = evaluate.run_evaluation(c, run_dir, score=parity_score)
+  results = evaluation.run_evaluation(c, run_dir, score=parity_score)
   assert results["checkpoint_kind"] == "orbax" and results["orbax_step"] == 2
   base = load_hf_model(files["policy"])
   graphdef, _ = nnx.split(base)
@@ -197,20 +197,20 @@ def test_orbax_params_of_another_architecture_are_an_error(files, orbax_run, tmp
   (tmp_path / "wider" / "config.json").write_text(json.dumps({**hf_config, "intermediate_size": 96}))
   c = make_config(files, "")
   c.model.checkpoint = str(tmp_path / "wider")  # the architecture is all that is read from it
-  with pytest.raises(evaluate.EvalInputError, match=r"do not fit the architecture .*wider.*: parameter "
+  with pytest.raises(evaluation.EvalInputError, match=r"do not fit the architecture .*wider.*: parameter "
                      r"layers\.0\.mlp\.down_proj\.value has shape \(64, 32\) in the checkpoint, \(96, 32\)"):
-    evaluate.load_policy(evaluate.locate_checkpoint(orbax_run[0]), c, sharding.make_mesh({}))
+    evaluation.load_policy(evaluation.locate_checkpoint(orbax_run[0]), c, sharding.make_mesh({}))
 
 
 def test_params_must_match_one_to_one():
   wanted = {("embed", "value"): (10, 4), ("layers", "0", "w", "value"): (4, 4)}
-  evaluate.check_params_match(dict(wanted), wanted)
+  checkpoint.check_params_match(dict(wanted), wanted)
   with pytest.raises(ValueError, match=r"parameter layers\.0\.w\.value is not in the checkpoint"):
-    evaluate.check_params_match({("embed", "value"): (10, 4)}, wanted)
+    checkpoint.check_params_match({("embed", "value"): (10, 4)}, wanted)
   with pytest.raises(ValueError, match=r"embed\.value has shape \(10, 8\) in the checkpoint, \(10, 4\) in the model"):
-    evaluate.check_params_match({**wanted, ("embed", "value"): (10, 8)}, wanted)
+    checkpoint.check_params_match({**wanted, ("embed", "value"): (10, 8)}, wanted)
   with pytest.raises(ValueError, match=r"1 parameter arrays the model lacks, e\.g\. layers\.1\.w\.value"):
-    evaluate.check_params_match({**wanted, ("layers", "1", "w", "value"): (4, 4)}, wanted)
+    checkpoint.check_params_match({**wanted, ("layers", "1", "w", "value"): (4, 4)}, wanted)
 
 
 def test_bad_inputs_raise_errors_that_name_them(files, tmp_path):
@@ -218,19 +218,19 @@ def test_bad_inputs_raise_errors_that_name_them(files, tmp_path):
   corrupt = tmp_path / "corrupt.parquet"
   corrupt.write_bytes(b"not parquet")
   cases = [
-      (f"b={broken}", files["policy"], evaluate.EvalInputError, "eval set 'b'.*none of its 2 rows is usable"),
-      (f"c={corrupt}", files["policy"], evaluate.EvalInputError, "eval set 'c'.*: Parquet magic bytes not found"),
-      (f"m={tmp_path / 'missing.jsonl'}", files["policy"], evaluate.EvalInputError, "eval set 'm'.*not found"),
-      (f"t={tmp_path / 'set.txt'}", files["policy"], evaluate.EvalInputError, "unsupported query file extension"),
+      (f"b={broken}", files["policy"], evaluation.EvalInputError, "eval set 'b'.*none of its 2 rows is usable"),
+      (f"c={corrupt}", files["policy"], evaluation.EvalInputError, "eval set 'c'.*: Parquet magic bytes not found"),
+      (f"m={tmp_path / 'missing.jsonl'}", files["policy"], evaluation.EvalInputError, "eval set 'm'.*not found"),
+      (f"t={tmp_path / 'set.txt'}", files["policy"], evaluation.EvalInputError, "unsupported query file extension"),
       ("small", files["policy"], ConfigError, "config.eval.sets: 'small' is not name=path"),
-      ("", files["policy"], evaluate.EvalInputError, "nothing to evaluate"),
-      (f"s={files['small']}", tmp_path / "nope", evaluate.EvalInputError, "does not exist"),
-      (f"s={files['small']}", tmp_path, evaluate.EvalInputError, "expected a Hugging Face directory"),
+      ("", files["policy"], evaluation.EvalInputError, "nothing to evaluate"),
+      (f"s={files['small']}", tmp_path / "nope", evaluation.EvalInputError, "does not exist"),
+      (f"s={files['small']}", tmp_path, evaluation.EvalInputError, "expected a Hugging Face directory"),
   ]
   (tmp_path / "set.txt").write_text("{}")
   for sets, checkpoint, error, message in cases:
     with pytest.raises(error, match=message) as caught:
-      evaluate.run_evaluation(make_config(files, sets), checkpoint, score=parity_score, include_builtin=False)
+      evaluation.run_evaluation(make_config(files, sets), checkpoint, score=parity_score, include_builtin=False)
     assert "\n" not in str(caught.value)
 
 
@@ -262,7 +262,7 @@ def test_cli_writes_json_and_table_and_fails_in_one_line(files, tmp_path):
   large = results["sets"]["large"]
   assert list(results["sets"]) == ["large"] and (large["num_problems"], large["protocol"]) == (5, "greedy")
   assert large["accuracy"] == pytest.approx(expected) and results["checkpoint"] == str(files["policy"])
-  assert evaluate.render_table(results) in stdout
+  assert evaluation.render_table(results) in stdout
   assert "seqio is not available" in stderr
   [(_, missing_err)] = failures  # the other bad inputs raise in-process (test above); main() one-lines them alike
   assert runs[1].returncode != 0 and "Traceback" not in missing_err

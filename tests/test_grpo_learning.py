@@ -2,6 +2,7 @@
 25 GRPO steps through the real trainer and the sandboxed verifier (seeded, CPU)."""
 
 import jax
+import pytest
 from flax import nnx
 
 from p2o_jax import sharding
@@ -11,6 +12,7 @@ from p2o_jax.data.records import Query
 from p2o_jax.metrics import read_metrics
 from p2o_jax.models.builtin import builtin_model_config
 from p2o_jax.models.decoder import Decoder
+from p2o_jax.policy import Policy
 from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.trainer import Trainer
 from p2o_jax.sft import SFTConfig, train_sft
@@ -29,6 +31,7 @@ def weak_policy(tokenizer):
   return model
 
 
+@pytest.mark.slow
 def test_grpo_raises_accuracy_on_one_digit_sums(tmp_path):
   tokenizer = build_char_tokenizer()
   c = base_config()
@@ -41,8 +44,9 @@ def test_grpo_raises_accuracy_on_one_digit_sums(tmp_path):
   c.reward.fallback = "last_number"
   validate(c, jax.device_count())
   with VerifierPool(num_workers=2, timeout_s=5.0, fallback="last_number") as verifier:
-    trainer = Trainer(c, model=weak_policy(tokenizer), tokenizer=tokenizer, mesh=sharding.make_mesh({}),
-                      train_queries=TASK, eval_sets={"sums": TASK}, score=verifier.score)
+    policy = Policy(weak_policy(tokenizer), tokenizer, mesh=sharding.make_mesh({}),
+                    max_prompt_len=c.rollout.max_prompt_len)
+    trainer = Trainer(c, policy=policy, train_queries=TASK, eval_sets={"sums": TASK}, score=verifier.score)
     history = trainer.run()
   before, after = history["eval_at_start"]["eval/sums/accuracy"], history["eval_at_end"]["eval/sums/accuracy"]
   assert before < 0.3, before  # mean@16 at T=0.6: the set has fewer than 100 problems

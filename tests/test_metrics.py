@@ -56,13 +56,11 @@ def test_jsonl_records_are_flushed_and_converted_while_open(tmp_path):
     before = time.time()
     writer.write(3, {"reward/mean": np.float32(0.25), "loss": jnp.asarray(-1.5), "hard/count": np.int64(12),
                      "done": True, "lr": 1e-3})
-    writer.write_text(3, "gepa/template", "Solve it step by step.\nThen answer.")
     # Read back while the writer is still open: every write must already be on disk.
     records = metrics.read_metrics(tmp_path / "metrics.jsonl")
     after = time.time()
   assert _without_time(records) == [
       {"step": 3, "reward/mean": 0.25, "loss": -1.5, "hard/count": 12, "done": 1, "lr": 1e-3},
-      {"step": 3, "gepa/template": "Solve it step by step.\nThen answer."},
   ]
   assert all(before <= r["time"] <= after for r in records)
   assert isinstance(records[0]["hard/count"], int)
@@ -77,33 +75,26 @@ def test_non_finite_values_are_null_in_valid_json(tmp_path):
   assert (record["a"], record["b"], record["c"], record["d"]) == (None, None, None, 2.0)
 
 
-def test_tensorboard_events_hold_the_scalars_and_texts(tmp_path):
+def test_tensorboard_events_hold_the_scalars(tmp_path):
   with metrics.MetricsWriter(tmp_path) as writer:
     writer.write(1, {"reward/mean": 0.5, "loss": np.float32(0.125), "skipped": float("nan")})
     writer.write(2, {"reward/mean": 0.75, "loss": jnp.asarray(0.0625)})
-    writer.write_text(2, "gepa/template", "Think in columns.")
   events = _read_events(tmp_path / "tensorboard")
   assert events[0].file_version.startswith("brain.Event")
   assert _scalars(events) == {("reward/mean", 1): 0.5, ("loss", 1): 0.125,
                               ("reward/mean", 2): 0.75, ("loss", 2): 0.0625}
-  texts = [(v.tag, e.step, v.tensor.string_val[0].decode()) for e in events for v in e.summary.value
-           if v.metadata.plugin_data.plugin_name == "text"]
-  assert texts == [("gepa/template/text_summary", 2, "Think in columns.")]
 
 
 def test_disabled_writer_creates_nothing(tmp_path):
   workdir = tmp_path / "run"
   with metrics.MetricsWriter(workdir, enabled=False, resume_step=5) as writer:
     writer.write(0, {"a": 1.0})
-    writer.write_text(0, "t", "x")
   assert not workdir.exists()
 
 
 def _simulate_steps(writer, steps):
   for step in steps:
     writer.write(step, {"reward/mean": step / 10, "loss": 1.0 / (step + 1)})
-    if step % 3 == 0:
-      writer.write_text(step, "note", f"at {step}")
 
 
 def test_resume_truncates_to_an_uninterrupted_runs_records(tmp_path):
@@ -116,7 +107,7 @@ def test_resume_truncates_to_an_uninterrupted_runs_records(tmp_path):
   with open(resumed / "metrics.jsonl", "a") as f:
     f.write('{"step": 9, "reward/me')
   with metrics.MetricsWriter(resumed, resume_step=6) as writer:
-    assert [r["step"] for r in metrics.read_metrics(resumed / "metrics.jsonl")] == [0, 0, 1, 2, 3, 3, 4, 5]
+    assert [r["step"] for r in metrics.read_metrics(resumed / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
     _simulate_steps(writer, range(6, 10))
   expected = _without_time(metrics.read_metrics(uninterrupted / "metrics.jsonl"))
   assert _without_time(metrics.read_metrics(resumed / "metrics.jsonl")) == expected

@@ -26,7 +26,7 @@ from p2o_jax.metrics import read_metrics
 from p2o_jax.models.builtin import build_builtin_checkpoint
 from p2o_jax.models.hf_checkpoint import load_hf_model, save_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer
-from p2o_jax.rl.trainer import from_micro_batches, to_micro_batches
+from p2o_jax.rl.batch_layout import from_micro_batches, to_micro_batches
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 ROOT = WORKER.parents[1]

@@ -19,7 +19,8 @@ from p2o_jax.rl.advantages import group_advantages
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.rollout import collect_rollouts, pack_rows
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
-from p2o_jax.sampling import Sampler, SamplingConfig
+from p2o_jax.policy import Policy
+from p2o_jax.sampling import SamplingConfig
 
 K, TEMPLATE = 4, "Add the numbers one at a time."
 QUERIES = [Query("a", "Q: 12+34=", "46"), Query("b", "Q: 50+27+11=", "88")]
@@ -33,12 +34,12 @@ def setup():
   # Scaled-up weights: at the default init scale a tiny random model hardly looks at the prompt's prefix, and the
   # ablation below (gradient on x~ instead of x) would differ from distillation only by rounding noise.
   nnx.update(model, jax.tree.map(lambda x: x * 10.0, nnx.state(model, nnx.Param)))
-  sampler = Sampler(model, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id, max_prompt_len=96)
-  return tokenizer, model, sampler
+  policy = Policy(model, tokenizer, mesh=None, max_prompt_len=96)
+  return tokenizer, model, policy
 
 
 def rollouts_for(distillation, setup):
-  tokenizer, _, sampler = setup
+  _, _, policy = setup
   c = base_config()
   c.p2o.distillation = distillation
   hooks = P2OHooks(c)
@@ -46,7 +47,7 @@ def rollouts_for(distillation, setup):
   turns = [q.question for q in QUERIES]
   contexts = hooks.contexts(QUERIES, turns, K)
   reward = lambda texts, answers: np.asarray([len(t) % 2 for t in texts], np.float32)  # any fixed rewards will do
-  rollouts = collect_rollouts(sampler, tokenizer, contexts, [q.answer for q in QUERIES], K,
+  rollouts = collect_rollouts(policy, contexts, [q.answer for q in QUERIES], K,
                               SamplingConfig(max_new_tokens=6, temperature=1.0), seed=3, score=reward)
   return hooks, rollouts
 

@@ -15,10 +15,14 @@ from p2o_jax.config import base_config, validate
 from p2o_jax.data.records import Query
 from p2o_jax.metrics import read_metrics
 from p2o_jax.models.builtin import build_builtin_checkpoint
+from p2o_jax.builders import build_policy
 from p2o_jax.models.hf_checkpoint import load_hf_model, save_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.p2o import phase
 from p2o_jax.p2o.hooks import P2OHooks
+from p2o_jax.p2o.self_ref import SelfReflector
 from p2o_jax.rl.trainer import Trainer
+from p2o_jax.sampling import SamplingConfig
 
 K = 4
 
@@ -59,10 +63,8 @@ def p2o_config(workdir, policy_dir):
 
 
 def make_trainer(c, policy_dir, queries):
-  mesh = sharding.make_mesh({})
-  model = load_hf_model(policy_dir, mesh=mesh)
-  return Trainer(c, model=model, tokenizer=load_tokenizer(policy_dir), mesh=mesh, train_queries=queries,
-                 eval_sets={}, score=synthetic_score, hooks=P2OHooks(c))
+  policy = build_policy(c, policy_dir, sharding.make_mesh({}))
+  return Trainer(c, policy=policy, train_queries=queries, eval_sets={}, score=synthetic_score, hooks=P2OHooks(c))
 
 
 QUERIES = [Query(f"q{i}", f"Q: {10 + i}+{20 + 3 * i}=", str(30 + 4 * i)) for i in range(8)]
@@ -107,7 +109,8 @@ def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(poli
   assert float(shown[-1][1]) == pytest.approx(first["p2o/gepa_best_dev"], abs=0.005)
 
 
-def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
+@pytest.mark.slow
+def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path, monkeypatch):
   """Stop the run inside GEPA after its first iteration; a new trainer continues that search, not the epoch."""
   c = p2o_config(tmp_path, policy_dir)
   trainer = make_trainer(c, policy_dir, QUERIES)
@@ -115,18 +118,18 @@ def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
   class Stop(Exception):
     pass
 
-  hooks = trainer.hooks
-  save_progress = hooks._save_progress  # pylint: disable=protected-access
+  save_progress = phase._save_progress  # pylint: disable=protected-access
 
-  def stop_after_first_iteration(tr, state):
-    save_progress(tr, state)
+  def stop_after_first_iteration(ctx, hard_ids, state):
+    save_progress(ctx, hard_ids, state)
     if state.iteration == 1:
       raise Stop
 
-  hooks._save_progress = stop_after_first_iteration  # pylint: disable=protected-access
+  monkeypatch.setattr(phase, "_save_progress", stop_after_first_iteration)
   with pytest.raises(Stop):
     trainer.run()
   trainer.checkpointer.close()
+  monkeypatch.setattr(phase, "_save_progress", save_progress)
   progress = json.loads((tmp_path / "p2o" / "gepa_progress.json").read_text())
   assert progress["state"]["iteration"] == 1
 
@@ -141,12 +144,17 @@ def test_kill_during_gepa_resumes_at_the_search(policy_dir, tmp_path):
 
 
 def test_self_ref_reflects_with_the_initial_policy_not_the_trained_one(policy_dir, tmp_path):
-  from p2o_jax.p2o.hooks import make_reflector  # pylint: disable=import-outside-toplevel
+  from p2o_jax.p2o.reflectors import make_reflector  # pylint: disable=import-outside-toplevel
   c = p2o_config(tmp_path, policy_dir)
   c.p2o.reflector = "self"
   trainer = make_trainer(c, policy_dir, QUERIES)
-  initial = jax.tree.map(np.asarray, trainer.params)
-  trainer.params = jax.tree.map(lambda x: x + 1.0, trainer.params)  # as if training had moved the policy
-  reflector = make_reflector(c, trainer)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, reflector.sampler.state), initial)
-  assert trainer.ref_params is not None and c.grpo.kl_coef == 0  # kept for Self-Ref although beta = 0
+  policy = trainer.policy
+  assert policy.ref_params is not None and c.grpo.kl_coef == 0  # kept for Self-Ref although beta = 0
+  greedy, turns = SamplingConfig(max_new_tokens=6, temperature=0.0), [q.question for q in QUERIES]
+  before = policy.generate(turns, greedy).tokens
+  moved = jax.tree.map(lambda x: x + np.sin(np.arange(x.size)).reshape(x.shape).astype(x.dtype), policy.params)
+  policy.set_params(moved)  # as if training had moved the policy
+  assert not np.array_equal(policy.generate(turns, greedy).tokens, before)
+  np.testing.assert_array_equal(policy.generate(turns, greedy, reference=True).tokens, before)
+  reflector = make_reflector(c, policy)
+  assert isinstance(reflector, SelfReflector) and reflector.policy is policy  # it samples with reference=True

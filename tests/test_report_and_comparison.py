@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from p2o_jax import comparison, report
-from p2o_jax.metrics import METRICS_FILENAME
+from p2o_jax.run_dir import METRICS_FILENAME, RunDir
 
 
 def _write_run(run_dir: pathlib.Path, hard_by_step: dict[int, float], easy_by_step: dict[int, float],
@@ -20,15 +20,15 @@ def _write_run(run_dir: pathlib.Path, hard_by_step: dict[int, float], easy_by_st
 
 
 def _write_gepa_state(workdir: pathlib.Path, candidates: list[str], scores_cd: list[list[float]]) -> None:
-  path = workdir / report.GEPA_STATE
+  path = RunDir(workdir).gepa_progress
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({"state": {"candidates": candidates, "scores_cd": scores_cd}}))
 
 
 def test_ranked_templates_orders_by_mean_dev_score(tmp_path):
   _write_gepa_state(tmp_path, ["", "Add them.", "Add the numbers one at a time."], [[0, 0], [1, 0], [1, 1]])
-  assert report.ranked_templates(tmp_path) == [("Add the numbers one at a time.", 1.0), ("Add them.", 0.5), ("", 0.0)]
-  assert report.ranked_templates(tmp_path / "no_gepa_here") == []
+  assert report.ranked_templates(RunDir(tmp_path)) == [("Add the numbers one at a time.", 1.0), ("Add them.", 0.5), ("", 0.0)]
+  assert report.ranked_templates(RunDir(tmp_path / "no_gepa_here")) == []
 
 
 def test_report_shows_accuracies_efficiency_templates_and_gepa_time_share(tmp_path):
@@ -39,29 +39,31 @@ def test_report_shows_accuracies_efficiency_templates_and_gepa_time_share(tmp_pa
                                "eval/mean_accuracy": 0.45},
              "eval_at_end": {"eval/builtin_hard/accuracy": 0.6, "eval/builtin_easy/accuracy": 0.95},
              "final_export": str(tmp_path / "export" / "final")}
-  text = report.render_report(tmp_path, history, wall_seconds=400.0, with_template={"builtin_hard": 0.75})
+  text = report.render_report(RunDir(tmp_path), history, wall_seconds=400.0, with_template={"builtin_hard": 0.75})
   assert "| builtin_hard | 0.0% | 60.0% | 75.0% |" in text
   assert "| builtin_easy | 90.0% | 95.0% | - |" in text
   assert "builtin_hard 0.80" in text  # 0.6 / 0.75
   assert "1. (0.50) Add the numbers one at a time." in text and "2. (0.00) (empty template)" in text
   assert "GEPA 40 s (10.0%)" in text
   assert "mean" not in text.split("## Templates")[0].split("|")[-1]  # eval/mean_accuracy is not a set row
-  assert report.write_report(tmp_path, text).read_text() == text
+  assert report.closing_lines(RunDir(tmp_path), history) == [
+      f"Report: {tmp_path / 'report.md'}",
+      "Plain-prompt accuracy, starting -> trained policy: builtin_hard 0.0% -> 60.0%; builtin_easy 90.0% -> 95.0%"]
 
 
 def test_every_search_best_is_read_in_epoch_order_and_the_reference_is_the_best_per_set(tmp_path):
-  path = tmp_path / report.SEARCH_BESTS
+  path = RunDir(tmp_path).search_bests
   path.parent.mkdir(parents=True)
   path.write_text(json.dumps({"10": {"template": "Keep a running total.", "dev": 0.25},
                               "2": {"template": "Add the numbers and write every running total.", "dev": 0.41}}))
-  bests = report.search_bests(tmp_path)
+  bests = report.search_bests(RunDir(tmp_path))
   assert [(b["epoch"], b["dev"]) for b in bests] == [(2, 0.41), (10, 0.25)]  # numeric, not string, order
-  assert report.search_bests(tmp_path / "no_gepa_here") == []
+  assert report.search_bests(RunDir(tmp_path / "no_gepa_here")) == []
   results = [{**bests[0], "accuracy": {"builtin_hard": 0.6, "builtin_easy": 0.9}},
              {**bests[1], "accuracy": {"builtin_hard": 0.2, "builtin_easy": 0.95}}]
   assert report.best_with_template(results) == {"builtin_hard": 0.6, "builtin_easy": 0.95}
   _write_gepa_state(tmp_path, ["", "Keep a running total."], [[0, 0], [1, 0]])
-  text = report.render_report(tmp_path, {"base_with_search_bests": results}, wall_seconds=1.0)
+  text = report.render_report(RunDir(tmp_path), {"base_with_search_bests": results}, wall_seconds=1.0)
   assert ("- after epoch 2 (0.41): Add the numbers and write every running total. — builtin_easy 90.0%, "
           "builtin_hard 60.0%") in text
   assert "- after epoch 10 (0.25): Keep a running total." in text and "1. (0.50) Keep a running total." in text
@@ -103,10 +105,10 @@ def test_a_run_without_eval_records_gives_dashes_not_a_crash(tmp_path):
 
 @pytest.mark.parametrize("method", ["grpo", "grpo_2k", "p2o", "p2o_templated", "p2o_same_template"])
 def test_compare_method_configs_differ_only_where_the_method_says(tmp_path, method):
-  from p2o_jax import compare
+
   from p2o_jax.config import base_config
   base = base_config()
-  c = compare.method_config(base, method, seed=2, workdir=tmp_path)
+  c = comparison.method_config(base, method, seed=2, workdir=tmp_path)
   assert c.seed == 2 and c.workdir == str(tmp_path / method / "seed_2")
   assert c.rollout.num_samples == (2 * base.rollout.num_samples if method == "grpo_2k" else base.rollout.num_samples)
   assert c.p2o.enabled == method.startswith("p2o")

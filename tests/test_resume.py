@@ -53,6 +53,7 @@ def final_params(workdir):
   return load_file(str(workdir / "export" / "final" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_params_and_metrics(policy_dir, tmp_path):
   straight = tmp_path / "straight"
   run_to_end(command(policy_dir, straight), tmp_path)

@@ -10,64 +10,65 @@ from p2o_jax.models.builtin import builtin_model_config
 from p2o_jax.models.decoder import Decoder
 from p2o_jax.p2o.records import FeedbackRecord, ReflectionRequest
 from p2o_jax.p2o.self_ref import SelfReflector
-from p2o_jax.sampling import Sampler
+from p2o_jax.policy import Policy
 
 REQUEST = ReflectionRequest("Be careful.", (FeedbackRecord("Q: 1+2=", " The answer is 4", "incorrect", 0.0),))
 
 
-@pytest.fixture(scope="module")
-def sampler():
+def tiny_policy(reference_max_prompt_len: int) -> Policy:
   tokenizer = build_char_tokenizer()
   model = Decoder(builtin_model_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                        intermediate_size=64), nnx.Rngs(1))
-  return tokenizer, Sampler(model, eos_ids=[tokenizer.eos_token_id], pad_id=0, max_prompt_len=1024)
+  policy = Policy(model, tokenizer, mesh=None, max_prompt_len=64, reference_max_prompt_len=reference_max_prompt_len)
+  policy.freeze_reference()
+  return policy
 
 
-def test_unfenced_replies_are_rejected_and_counted(sampler):
-  tokenizer, s = sampler
-  reflector = SelfReflector(s, tokenizer, seed=0, max_new_tokens=8)
+@pytest.fixture(scope="module")
+def policy():
+  return tiny_policy(1024)
+
+
+def test_unfenced_replies_are_rejected_and_counted(policy):
+  reflector = SelfReflector(policy, seed=0, max_new_tokens=8)
   out = reflector.propose([REQUEST, REQUEST])
   assert out == [None, None]  # a random tiny policy does not write ``` fences
   assert reflector.stats.requests == 2
   assert reflector.stats.rejected_no_fence + reflector.stats.rejected_empty == 2
 
 
-def test_fenced_reply_is_adopted(sampler, monkeypatch):
-  tokenizer, s = sampler
-  reflector = SelfReflector(s, tokenizer, seed=0, max_new_tokens=8)
-  monkeypatch.setattr("p2o_jax.p2o.self_ref.decode_completions",
+def test_fenced_reply_is_adopted(policy, monkeypatch):
+  reflector = SelfReflector(policy, seed=0, max_new_tokens=8)
+  monkeypatch.setattr("p2o_jax.policy.decode_completions",
                       lambda tok, tokens, lengths: ["Sure:\n```\nAdd the numbers one at a time.\n```"] * len(lengths))
   assert reflector.propose([REQUEST]) == ["Add the numbers one at a time."]
   assert reflector.stats.accepted == 1
 
 
-def test_prompt_over_the_limit_is_rejected_without_sampling(sampler, monkeypatch):
-  tokenizer, _ = sampler
-  model = Decoder(builtin_model_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                       intermediate_size=64), nnx.Rngs(1))
-  small = Sampler(model, eos_ids=[tokenizer.eos_token_id], pad_id=0, max_prompt_len=16)
+def test_prompt_over_the_limit_is_rejected_without_sampling(monkeypatch):
+  small = tiny_policy(16)
   monkeypatch.setattr(small, "generate", lambda *a, **k: pytest.fail("sampled an over-long prompt"))
-  reflector = SelfReflector(small, tokenizer, seed=0, max_new_tokens=8)
+  reflector = SelfReflector(small, seed=0, max_new_tokens=8)
   assert reflector.propose([REQUEST]) == [None]
   assert reflector.stats.rejected_no_fence == 1
 
 
-def test_resumed_reflector_draws_the_same_replies(sampler, monkeypatch):
-  tokenizer, s = sampler
+def test_resumed_reflector_draws_the_same_replies(policy, monkeypatch):
   seen = []
-  real = s.generate
+  real = policy.generate
 
-  def spy(prompts, cfg, *, n=1, seed=0):
-    out = real(prompts, cfg, n=n, seed=seed)
+  def spy(*args, **kwargs):
+    assert kwargs["reference"]  # Self-Ref samples from the frozen initial params
+    out = real(*args, **kwargs)
     seen.append(out.tokens.copy())
     return out
 
-  monkeypatch.setattr(s, "generate", spy)
-  first = SelfReflector(s, tokenizer, seed=7, max_new_tokens=8, temperature=1.0)
+  monkeypatch.setattr(policy, "generate", spy)
+  first = SelfReflector(policy, seed=7, max_new_tokens=8, temperature=1.0)
   first.propose([REQUEST])
   saved = first.state()
   first.propose([REQUEST])
-  second = SelfReflector(s, tokenizer, seed=7, max_new_tokens=8, temperature=1.0)
+  second = SelfReflector(policy, seed=7, max_new_tokens=8, temperature=1.0)
   second.restore(saved)
   second.propose([REQUEST])
   np.testing.assert_array_equal(seen[1], seen[2])

@@ -56,7 +56,8 @@ def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7):
   return delta, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("aggregation", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow),
+                                         pytest.param("seq-mean-token-sum-norm", marks=pytest.mark.slow)])
 def test_accumulated_gradient_equals_full_batch(aggregation):
   rows = random_rows()
   full, full_metrics = one_sgd_step(rows, micro=ROWS, aggregation=aggregation)

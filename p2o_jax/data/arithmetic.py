@@ -196,11 +196,6 @@ def question_text(problem: Problem) -> str:
   return "Q: " + "+".join(write_number(x, problem.lsb_first) for x in problem.operands) + "="
 
 
-def user_turn(template: str, question: str) -> str:
-  """The paper's templated query: template, blank line, question; just the question when there is no template."""
-  return f"{template}\n\n{question}" if template else question
-
-
 def answer_sentence(value: int, lsb_first: bool = False) -> str:
   return f" The answer is {write_number(value, lsb_first)}"
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from p2o_jax.data import arithmetic
 from p2o_jax.data.char_tokenizer import render_user_prompt
+from p2o_jax.p2o.templates import apply_template
 
 TRIGGER_INSTRUCTION = "Add the numbers one at a time and write every running total."
 
@@ -179,7 +180,7 @@ def corpus_examples(world: arithmetic.WorldConfig, cfg: CorpusConfig, n: int, se
   for kind in (kinds[index] for index in rng.permutation(len(kinds))):
     difficulty = "easy" if kind.endswith("easy") else "hard"
     problem = arithmetic.draw_problem(world, difficulty, rng, "train")
-    user_text = arithmetic.user_turn(_instruction(kind, cfg, rng), arithmetic.question_text(problem))
+    user_text = apply_template(_instruction(kind, cfg, rng), arithmetic.question_text(problem))
     if kind == "continued":
       begun, rest = _continued(problem, world)
       examples.append((render_prompt(user_text) + begun, rest))

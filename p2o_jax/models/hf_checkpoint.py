@@ -254,6 +254,3 @@ def _write_safetensors(tensors: dict[str, np.ndarray], out_dir: pathlib.Path, ma
 def read_hf_config_dict(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
   return json.loads((pathlib.Path(checkpoint_dir) / "config.json").read_text())
 
-
-def config_from_checkpoint(checkpoint_dir: str | os.PathLike, **overrides) -> ModelConfig:
-  return from_hf_dict(read_hf_config_dict(checkpoint_dir), **overrides)

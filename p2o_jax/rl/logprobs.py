@@ -25,7 +25,3 @@ def token_logprobs(logits_brv, targets_br, temperature: float):
   logp_brv = jax.nn.log_softmax(logits_brv.astype(jnp.float32) / temperature, axis=-1)
   return jnp.take_along_axis(logp_brv, targets_br[..., None], axis=-1)[..., 0], logp_brv
 
-
-def response_logprobs(model: Decoder, tokens_bt, valid_bt, response_len: int, temperature: float):
-  logits = response_logits(model, tokens_bt, valid_bt, response_len)
-  return token_logprobs(logits, tokens_bt[:, -response_len:], temperature)[0]

@@ -159,14 +159,6 @@ def context_ratio_weights(
   return jax.lax.stop_gradient(weight_fn(log_rho_bt, math.log(low), math.log(high)))
 
 
-def token_entropy(logits_btv: jax.Array) -> jax.Array:
-  """entropy_bt of the softmax over the vocabulary, from log_softmax in f32."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  probs_btv = jnp.exp(logp_btv)
-  # Masked vocabulary entries (logit -inf) would give 0 * -inf; p log p -> 0 there, with a finite log for the grads.
-  return -jnp.sum(probs_btv * jnp.where(probs_btv > 0, logp_btv, 0.0), axis=-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
   """The knobs of `policy_loss`, validated on creation. Hashable, so it can be a static jit argument."""

@@ -1,4 +1,5 @@
-"""Rollouts: queries -> K responses each (one sampler call) -> verified rewards, and packing them into train rows.
+"""Rollouts: queries -> K responses each (one `Policy.generate` call) -> verified rewards, and packing them into train
+rows.
 
 Every row has two contexts: the user turn it was GENERATED from and the user turn its gradient is TAKEN on. Plain GRPO
 uses the query for both. P^2O generates hard queries' rows from templated turns and trains them on the plain one
@@ -12,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from p2o_jax.models.tokenizer import chat_prompt_ids, decode_completions
-from p2o_jax.sampling import Sampler, SamplingConfig, default_buckets, round_up_to_bucket
+from p2o_jax.policy import Policy
+from p2o_jax.sampling import SamplingConfig, default_buckets, round_up_to_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,29 +50,20 @@ def plain_contexts(user_turns: Sequence[str], group_size: int) -> RowContexts:
   return RowContexts(generate=rows, train=list(rows))
 
 
-def collect_rollouts(sampler: Sampler, tokenizer, contexts: RowContexts, answers: Sequence[str], group_size: int,
+def collect_rollouts(policy: Policy, contexts: RowContexts, answers: Sequence[str], group_size: int,
                      sampling: SamplingConfig, seed, score: Callable[[Sequence[str], Sequence[str]], np.ndarray]
                      ) -> Rollouts:
-  """Sample one response per row in a single sampler call and score it against the row's query answer.
+  """Sample one response per row in a single call and score it against the row's query answer.
 
   The rows are this process's share of the step's global batch (one process-local sampler call over all processes).
   """
-  generate_ids = _ids_with_cache(tokenizer, contexts.generate)
-  train_ids = generate_ids if contexts.train == contexts.generate else _ids_with_cache(tokenizer, contexts.train)
-  out = sampler.generate(generate_ids, sampling, n=1, seed=seed, process_local=True)
-  texts = decode_completions(tokenizer, out.tokens, out.lengths)
+  out = policy.generate(contexts.generate, sampling, seed=seed, process_local=True)
+  train_ids = out.prompt_ids if contexts.train == contexts.generate else policy.prompt_ids(contexts.train)
   row_answers = [a for a in answers for _ in range(group_size)]
-  rewards = np.asarray(score(texts, row_answers), np.float32)
-  return Rollouts(group_size=group_size, answers=row_answers, texts=texts, generate_prompt_ids=generate_ids,
+  rewards = np.asarray(score(out.texts, row_answers), np.float32)
+  return Rollouts(group_size=group_size, answers=row_answers, texts=out.texts, generate_prompt_ids=out.prompt_ids,
                   train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask, sampler_logp=out.logprobs,
                   rewards=rewards)
-
-
-def _ids_with_cache(tokenizer, turns: Sequence[str]) -> list[list[int]]:
-  # K rows share one user turn: tokenize each distinct turn once.
-  unique = list(dict.fromkeys(turns))
-  ids = dict(zip(unique, chat_prompt_ids(tokenizer, unique)))
-  return [ids[t] for t in turns]
 
 
 def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:

@@ -1,19 +1,21 @@
-"""The RLVR training loop: queries -> K rollouts (one sampler call) -> verifier -> group advantages -> policy update.
+"""The RLVR training loop: queries -> K rollouts (one `Policy.generate` call) -> verifier -> group advantages -> policy
+update.
 
 Everything a step needs is derived from (config, step, data-iterator state), so a run resumed from a checkpoint
 continues exactly as if it had never stopped. `TrainerHooks` is the seam P^2O plugs into: which context each row is
-generated from and trained on, per-token loss weights, what to observe about each batch, and work between epochs.
+generated from and trained on, per-token loss weights, what to observe about each batch, and a phase between epochs
+(given an explicit `EpochEnv`, never the trainer itself). The trainer decides when to checkpoint.
 
 Multi-process: each process draws its contiguous share of every global batch, rolls out, verifies and computes
-advantages for its own queries only (a group never spans processes), and feeds its rows into the global train arrays;
-logged rollout metrics are over the global batch. Evaluation and exports run in lockstep; only process 0 writes.
+advantages for its own queries only (a group never spans processes), and feeds its rows into the global train arrays
+(p2o_jax/rl/batch_layout.py); logged rollout metrics are over the global batch. Evaluation and exports run in
+lockstep; only process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,26 +23,35 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from p2o_jax import distributed, sharding
+from p2o_jax import builders, distributed, sharding
 from p2o_jax.checkpoint import Checkpointer
 from p2o_jax.data.pipeline import EpochBatches
 from p2o_jax.data.records import Query
 from p2o_jax.evaluation import EvalProtocol, evaluate_set
 from p2o_jax.metrics import MetricsWriter, Progress
-from p2o_jax.models.decoder import Decoder
 from p2o_jax.models.hf_checkpoint import save_hf_model
-from p2o_jax.models.tokenizer import stop_token_ids
-from p2o_jax.rl.advantages import advantage_estimator, zero_variance_groups
-from p2o_jax.rl.losses import PolicyLossConfig
-from p2o_jax.rl.optimizer import make_optimizer
+from p2o_jax.policy import Policy
+from p2o_jax.rl.advantages import advantage_estimator
+from p2o_jax.rl.dynamic_sampling import refill_flat_groups
 from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, packed_lengths, plain_contexts
-from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
-from p2o_jax.sampling import Sampler, SamplingConfig
+from p2o_jax.run_dir import RunDir
+from p2o_jax.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnv:
+  """What a phase between epochs may use: the policy (frozen meanwhile), the verifier, the run directory, the training
+  queries by id, and a clock of the run's wall time."""
+
+  policy: Policy
+  score: ScoreFn
+  run_dir: RunDir
+  query_by_id: dict[str, Query]
+  elapsed_s: Callable[[], float]
 
 
 class TrainerHooks:
@@ -60,11 +71,15 @@ class TrainerHooks:
     """Called on every process with its local batch; returned metrics must already be global (process 0 logs)."""
     return {}
 
-  def on_epoch_end(self, epoch: int, step: int, trainer: "Trainer") -> dict[str, float]:
+  def end_epoch(self, epoch: int, last: bool) -> dict[str, float]:
+    """Epoch `epoch` ended (`last`: no epoch follows); metrics about it. May leave a phase pending."""
     return {}
 
-  def on_resume(self, trainer: "Trainer") -> dict[str, float]:
-    """Finish work that a stopped run left between epochs."""
+  def pending_phase(self) -> bool:
+    """Work to do before the next epoch (the trainer checkpoints first, so a killed run resumes at the phase)."""
+    return False
+
+  def run_phase(self, env: EpochEnv) -> dict[str, float]:
     return {}
 
   def state(self) -> dict[str, Any]:
@@ -84,40 +99,28 @@ class _Timer:
 
 class Trainer:
 
-  def __init__(self, c, *, model: Decoder, tokenizer, mesh, train_queries: Sequence[Query],
-               eval_sets: dict[str, Sequence[Query]], score: ScoreFn, hooks: TrainerHooks | None = None):
-    self.c, self.tokenizer, self.mesh, self.score = c, tokenizer, mesh, score
+  def __init__(self, c, *, policy: Policy, train_queries: Sequence[Query], eval_sets: dict[str, Sequence[Query]],
+               score: ScoreFn, hooks: TrainerHooks | None = None):
+    self.c, self.policy, self.score = c, policy, score
     self.hooks = hooks or TrainerHooks()
     self.eval_sets = eval_sets
-    self.workdir = pathlib.Path(c.workdir)
+    self.run_dir = RunDir.from_config(c)
     self.is_main = jax.process_index() == 0
-    self.graphdef, self.params = nnx.split(model)
     self.pipeline = EpochBatches(list(train_queries), global_batch_size=c.train.batch_size, seed=c.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())
-    self.local_batch_devices = distributed.check_batch_layout(mesh)
+    self.layout = builders.build_batch_layout(policy.mesh)
     self.total_steps = c.train.max_steps or c.train.epochs * self.pipeline.steps_per_epoch
-    updates = self.total_steps * c.grpo.ppo_epochs * c.grpo.num_minibatches
-    o = c.optim
-    self.optimizer = make_optimizer(lr=o.lr, total_steps=updates, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
-                                    weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip or None)
-    self.opt_state = sharding.init_optimizer_state(self.optimizer, self.params, mesh)
-    g = c.grpo
-    loss_cfg = PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
-                                aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens,
-                                kl_coef=g.kl_coef, kl_estimator=g.kl_estimator)
-    temperature = c.rollout.temperature or 1.0
-    self.train_step = make_train_step(self.graphdef, self.optimizer, StepConfig(loss_cfg, temperature))
-    self.logprobs = make_logprob_fn(self.graphdef, temperature)
+    self.optimizer = builders.build_optimizer(c, self.total_steps)
+    self.opt_state = sharding.init_optimizer_state(self.optimizer, policy.params, policy.mesh)
+    self.train_step = builders.build_train_step(c, policy.graphdef, self.optimizer)
+    self.logprobs = builders.build_logprob_fn(c, policy.graphdef)
     # The initial policy, frozen: the KL reference and P^2O's Self-Ref reflector. A resumed run rebuilds it from the
     # same checkpoint directory, so it is never saved.
-    keep_reference = g.kl_coef > 0 or self.hooks.needs_reference_params
-    self.ref_params = jax.tree.map(jnp.copy, self.params) if keep_reference else None
-    self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                           max_prompt_len=c.rollout.max_prompt_len, mesh=mesh)
+    if c.grpo.kl_coef > 0 or self.hooks.needs_reference_params:
+      policy.freeze_reference()
     self.sampling = SamplingConfig(c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k)
     self.eval_protocol = EvalProtocol.from_config(c)
-    self.checkpointer = Checkpointer(c.train.checkpoint_dir or self.workdir / "checkpoints",
-                                     keep=c.train.keep_checkpoints)
+    self.checkpointer = Checkpointer(self.run_dir.checkpoints, keep=c.train.keep_checkpoints)
     self.query_by_id = {q.id: q for q in train_queries}
     self.best_dev: float | None = None
     self._last_saved_step: int | None = None
@@ -131,30 +134,14 @@ class Trainer:
 
   def rollout(self, queries: Sequence[Query], seed) -> Rollouts:
     contexts = self.hooks.contexts(queries, self.user_turns(queries), self.c.rollout.num_samples)
-    return collect_rollouts(self.sampler, self.tokenizer, contexts, [q.answer for q in queries],
-                            self.c.rollout.num_samples, self.sampling, seed, self._timed_score)
+    return collect_rollouts(self.policy, contexts, [q.answer for q in queries], self.c.rollout.num_samples,
+                            self.sampling, seed, self._timed_score)
 
   def _timed_score(self, texts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
     start = time.perf_counter()
     rewards = self.score(texts, answers)
     self._verify_seconds += time.perf_counter() - start
     return rewards
-
-  def _device_batch(self, arrays: dict[str, np.ndarray], leading: tuple[int, ...]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays shaped `leading` + (micro_batch, ...) (see `to_micro_batches`), the
-    micro-batch axis sharded over the batch mesh axes: process p's rows fill its devices' slots."""
-    out = {}
-    for name, x in arrays.items():
-      local = to_micro_batches(x, self.local_batch_devices, leading)
-      global_shape = (*leading, local.shape[len(leading)] * jax.process_count(), *x.shape[1:])
-      axes = (None,) * len(leading) + ("batch",) + (None,) * (x.ndim - 1)
-      target = jax.sharding.NamedSharding(self.mesh, sharding.logical_to_spec(axes, global_shape, self.mesh))
-      out[name] = jax.make_array_from_process_local_data(target, local, global_shape)
-    return out
-
-  def _local_rows(self, x: jax.Array, num_leading: int) -> np.ndarray:
-    """The inverse of `_device_batch` for a result shaped like its output: this process's rows in their order."""
-    return from_micro_batches(distributed.local_part(x, axis=num_leading), self.local_batch_devices, num_leading)
 
   def update(self, rollouts: Rollouts, timer: _Timer) -> dict[str, float]:
     """Advantages, old (and reference) log-probs on the TRAIN contexts, then ppo_epochs x num_minibatches steps."""
@@ -164,25 +151,26 @@ class Trainer:
     # Every process must pack to the same (prompt, response) lengths: its rows are one slice of the global arrays.
     lengths = packed_lengths(rollouts.train_prompt_ids, rollouts.mask, c.rollout.max_prompt_len)
     lengths = tuple(int(n) for n in distributed.allgather(np.asarray(lengths, np.int32)).max(axis=0))
-    packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, self.tokenizer.pad_token_id,
+    packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, self.policy.pad_id,
                        c.rollout.max_prompt_len, lengths)
     rows = rollouts.num_rows * jax.process_count()  # every process holds the same number of rows
     micro = g.micro_batch_size
-    whole = self._device_batch(packed, (rows // micro,))
-    old_logp = self._local_rows(self.logprobs(self.params, whole), 1)
+    whole = self.layout.to_device(packed, (rows // micro,))
+    old_logp = self.layout.to_host_rows(self.logprobs(self.policy.params, whole), 1)
     old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
     batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp, "token_weights": weights}
     if g.kl_coef > 0:
-      batch["ref_logp"] = self._local_rows(self.logprobs(self.ref_params, whole), 1)
-    minibatches = self._device_batch(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
+      batch["ref_logp"] = self.layout.to_host_rows(self.logprobs(self.policy.ref_params, whole), 1)
+    minibatches = self.layout.to_device(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
     sums: dict[str, float] = {}
+    params = self.policy.params
     for _ in range(g.ppo_epochs):
       for i in range(g.num_minibatches):
         mb = jax.tree.map(lambda x: x[i], minibatches)
-        self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, mb)
+        params, self.opt_state, metrics = self.train_step(params, self.opt_state, mb)
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + float(distributed.to_host(v))
-    self.sampler.set_params(self.params)
+    self.policy.set_params(params)
     timer.add("train", start)
     n = g.ppo_epochs * g.num_minibatches
     metrics = {f"train/{k}": v / n for k, v in sums.items() if k != "update_skipped"}
@@ -213,24 +201,15 @@ class Trainer:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.c.seed), step), attempt)
 
   def _dynamic_sampling(self, step, queries, rollouts, timer) -> tuple[list[Query], Rollouts]:
-    """DAPO: keep only groups with reward variance, refilling from further batches up to a limit."""
-    k = rollouts.group_size
-    wanted = self.pipeline.local_batch_size
-    kept_rows, dropped = [], []
-    for attempt in range(self.c.grpo.dynamic_sampling_max_batches):
-      if attempt:
-        start = time.perf_counter()
-        queries = self.iterator.next()[2]
-        rollouts = self.rollout(queries, self._seed(step, attempt))
-        timer.add("sample", start)
-      flat = np.asarray(zero_variance_groups(jnp.asarray(rollouts.rewards), k))
-      for i, q in enumerate(queries):
-        (dropped if flat[i] else kept_rows).append((q, rollouts, i))
-      # Every attempt is a sampler call over all processes: they stop together, once each has its local share.
-      if distributed.allgather(np.int32(len(kept_rows) >= wanted)).all():
-        break
-    chosen = (kept_rows + dropped)[:wanted]  # short of varied groups: pad with flat ones (A = 0)
-    return [q for q, _, _ in chosen], _select_groups([(r, i) for _, r, i in chosen], k)
+    def draw(attempt: int) -> tuple[list[Query], Rollouts]:
+      start = time.perf_counter()
+      more = self.iterator.next()[2]
+      more_rollouts = self.rollout(more, self._seed(step, attempt))
+      timer.add("sample", start)
+      return more, more_rollouts
+
+    return refill_flat_groups(queries, rollouts, draw, wanted=self.pipeline.local_batch_size,
+                              max_batches=self.c.grpo.dynamic_sampling_max_batches)
 
   # ---- the loop -------------------------------------------------------------------------------------------------
 
@@ -239,9 +218,9 @@ class Trainer:
     if latest is None:
       self.iterator = self.pipeline.iterator()
       return 0
-    state, meta = self.checkpointer.restore(latest, {"params": self.params, "opt_state": self.opt_state})
-    self.params, self.opt_state = state["params"], state["opt_state"]
-    self.sampler.set_params(self.params)
+    state, meta = self.checkpointer.restore(latest, {"params": self.policy.params, "opt_state": self.opt_state})
+    self.opt_state = state["opt_state"]
+    self.policy.set_params(state["params"])
     self.iterator = self.pipeline.iterator(meta["data"])
     self.best_dev = meta.get("best_dev")
     self.hooks.restore(meta.get("hooks", {}))
@@ -258,13 +237,13 @@ class Trainer:
     self._last_saved_step = step
     meta = {"step": step, "data": self.iterator.state(), "best_dev": self.best_dev, "seed": self.c.seed,
             "hooks": self.hooks.state()}
-    self.checkpointer.save(step, {"params": self.params, "opt_state": self.opt_state}, meta)
+    self.checkpointer.save(step, {"params": self.policy.params, "opt_state": self.opt_state}, meta)
 
   def evaluate(self, step: int) -> dict[str, float]:
     metrics = {}
     for name, queries in self.eval_sets.items():
-      result = evaluate_set(self.sampler, self.tokenizer, queries, self.c.data.prompt_format, self.eval_protocol,
-                            self.score, seed=self.c.seed)
+      result = evaluate_set(self.policy, queries, self.c.data.prompt_format, self.eval_protocol, self.score,
+                            seed=self.c.seed)
       metrics[f"eval/{name}/accuracy"] = result["accuracy"]
     if metrics:
       dev = float(np.mean(list(metrics.values())))
@@ -274,23 +253,33 @@ class Trainer:
         self.export("best")
     return metrics
 
-  def export(self, name: str) -> pathlib.Path:
-    model = nnx.merge(self.graphdef, self.params)
-    return save_hf_model(model, self.workdir / "export" / name, tokenizer=self.tokenizer,
+  def export(self, name: str):
+    return save_hf_model(self.policy.model(), self.run_dir.export(name), tokenizer=self.policy.tokenizer,
                          dtype=self.c.train.export_dtype or None)
+
+  def epoch_env(self) -> EpochEnv:
+    return EpochEnv(policy=self.policy, score=self.score, run_dir=self.run_dir, query_by_id=self.query_by_id,
+                    elapsed_s=self.elapsed)
+
+  def end_epoch(self, epoch: int, step: int) -> dict[str, float]:
+    metrics = self.hooks.end_epoch(epoch, last=step >= self.total_steps)
+    if self.hooks.pending_phase():
+      self.save(step)  # the phase can take a while: a kill from here on resumes at it, not at the epoch's start
+      metrics.update(self.hooks.run_phase(self.epoch_env()))
+    return metrics
 
   def run(self) -> dict[str, Any]:
     c = self.c
     start_step = self.restore_or_start()
     # Records are numbered by completed steps; the checkpoint at `start_step` already includes that step's record.
-    writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start_step + 1)
+    writer = MetricsWriter(self.run_dir.root, enabled=self.is_main, resume_step=start_step + 1)
     progress = Progress(self.total_steps, desc="train", enabled=self.is_main, start_step=start_step)
     history: dict[str, Any] = {}
     if start_step == 0 and self.eval_sets:
       history["eval_at_start"] = self.evaluate(0)
       writer.write(0, history["eval_at_start"])
     self._last_saved_step = start_step if start_step else None
-    resumed = self.hooks.on_resume(self) if start_step else {}
+    resumed = self.hooks.run_phase(self.epoch_env()) if start_step and self.hooks.pending_phase() else {}
     if resumed:
       writer.write(start_step, resumed)
     step = start_step
@@ -304,7 +293,7 @@ class Trainer:
       writer.write(step, metrics)
       progress.update(step, **_progress_fields(metrics))
       if self.iterator.epoch_finished:  # written as its own record: a kill during GEPA must not lose the step's
-        epoch_metrics = self.hooks.on_epoch_end(epoch, step, self)
+        epoch_metrics = self.end_epoch(epoch, step)
         if epoch_metrics:
           writer.write(step, epoch_metrics)
       if step % c.train.checkpoint_every == 0 or step == self.total_steps:
@@ -317,21 +306,6 @@ class Trainer:
     writer.close()
     self.checkpointer.close()
     return history
-
-
-def to_micro_batches(rows: np.ndarray, devices: int, leading: tuple[int, ...]) -> np.ndarray:
-  """(rows, ...) -> `leading` + (micro_batch, ...): the rows are `devices` contiguous blocks, one per batch device, and
-  every micro-batch takes the next chunk of each block. A row's device and micro-batch then depend only on the number
-  of batch devices, not on how many processes share them: one process with 4 devices and two with 2 each (calling this
-  with devices=2 on their halves) train on the same micro-batches."""
-  blocks = rows.reshape(devices, *leading, -1, *rows.shape[1:])
-  return np.moveaxis(blocks, 0, len(leading)).reshape(*leading, -1, *rows.shape[1:])
-
-
-def from_micro_batches(x: np.ndarray, devices: int, num_leading: int) -> np.ndarray:
-  """The inverse of `to_micro_batches`: (*leading, micro_batch, ...) -> (rows, ...) in the original row order."""
-  blocks = x.reshape(*x.shape[:num_leading], devices, -1, *x.shape[num_leading + 1:])
-  return np.moveaxis(blocks, num_leading, 0).reshape(-1, *x.shape[num_leading + 1:])
 
 
 def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
@@ -354,21 +328,3 @@ def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
       "rollout/zero_advantage_fraction": float((rewards_gk.max(axis=1) == rewards_gk.min(axis=1)).mean()),
       "rollout/response_length": float(lengths.mean()),
   }
-
-
-def _select_groups(chosen: list[tuple[Rollouts, int]], k: int) -> Rollouts:
-  """Concatenate the chosen query groups (each: a Rollouts object and the group's index in it)."""
-  rows = [g * k + j for _, g in chosen for j in range(k)]
-  sources = [r for r, _ in chosen for _ in range(k)]
-  width = max(r.tokens.shape[1] for r in sources)
-
-  def stack(field):
-    return np.stack([np.pad(getattr(r, field)[i], (0, width - getattr(r, field).shape[1]))
-                     for r, i in zip(sources, rows)])
-
-  return Rollouts(group_size=k, answers=[r.answers[i] for r, i in zip(sources, rows)],
-                  texts=[r.texts[i] for r, i in zip(sources, rows)],
-                  generate_prompt_ids=[r.generate_prompt_ids[i] for r, i in zip(sources, rows)],
-                  train_prompt_ids=[r.train_prompt_ids[i] for r, i in zip(sources, rows)],
-                  tokens=stack("tokens"), mask=stack("mask"), sampler_logp=stack("sampler_logp"),
-                  rewards=np.asarray([r.rewards[i] for r, i in zip(sources, rows)], np.float32))

@@ -1,0 +1,105 @@
+"""One builder per component, from the run config. The trainer, the evaluation command and the dry run all build
+through these, so what the dry run lowers is what the trainer runs."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from p2o_jax import sharding
+from p2o_jax.config import ConfigError, builtin_world
+from p2o_jax.models.builtin import BasePolicySpec, base_policy_dir
+from p2o_jax.models.config import ModelConfig
+from p2o_jax.models.decoder import Decoder
+from p2o_jax.models.hf_checkpoint import load_hf_model
+from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.policy import Policy
+from p2o_jax.rl.batch_layout import BatchLayout
+from p2o_jax.rl.losses import PolicyLossConfig
+from p2o_jax.rl.optimizer import make_optimizer
+from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
+from p2o_jax.sft import SFTConfig
+
+
+def base_policy_spec(c: ml_collections.ConfigDict) -> BasePolicySpec:
+  b = c.builtin
+  sft = SFTConfig(steps=b.sft_steps, lr=b.sft_lr, rows=b.sft_rows, row_len=b.sft_row_len, seed=b.sft_seed)
+  return BasePolicySpec(world=builtin_world(c), sft=sft, num_examples=b.sft_examples, num_layers=b.num_layers,
+                        hidden_size=b.hidden_size)
+
+
+def user_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """config.model.checkpoint as a HF directory (not "builtin"); ConfigError when it is not one."""
+  path = pathlib.Path(c.model.checkpoint)
+  if not (path / "config.json").is_file():
+    raise ConfigError(f"config.model.checkpoint: {path} is not a Hugging Face checkpoint directory")
+  return path
+
+
+def policy_checkpoint(c: ml_collections.ConfigDict, *, rebuild_base: bool = False) -> pathlib.Path:
+  """The policy's HF directory. For "builtin": the base shipped with the package when the config's `builtin` section
+  is the demo's, else a cached build of it; a missing one is BUILT here (announced: it takes minutes)."""
+  if c.model.checkpoint != "builtin":
+    return user_checkpoint(c)
+  return base_policy_dir(c.model.builtin_cache_dir, base_policy_spec(c), rebuild=rebuild_base)
+
+
+def build_policy(c: ml_collections.ConfigDict, checkpoint: str | os.PathLike, mesh, *,
+                 model: Decoder | None = None) -> Policy:
+  """The policy of HF directory `checkpoint` (its weights, unless `model` brings others, and its tokenizer) on `mesh`,
+  sampling prompts of up to rollout.max_prompt_len tokens; its reference (the same weights, frozen) samples Self-Ref
+  reflections of up to p2o.reflection_max_prompt_len."""
+  if model is None:
+    model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype,
+                          compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+  return Policy(model, load_tokenizer(checkpoint), mesh=mesh, max_prompt_len=c.rollout.max_prompt_len,
+                reference_max_prompt_len=c.p2o.reflection_max_prompt_len)
+
+
+def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graphdef and its params as ShapeDtypeStructs carrying the rules' shardings (nothing allocated)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, nnx.Rngs(0))))
+  shardings = sharding.state_shardings(state, mesh)
+  return graphdef, jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                                state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_updates(c: ml_collections.ConfigDict, train_steps: int) -> int:
+  """Optimizer updates in a run of `train_steps` steps (the schedule's length)."""
+  return train_steps * c.grpo.ppo_epochs * c.grpo.num_minibatches
+
+
+def build_optimizer(c: ml_collections.ConfigDict, train_steps: int) -> optax.GradientTransformation:
+  o = c.optim
+  return make_optimizer(lr=o.lr, total_steps=optimizer_updates(c, train_steps), warmup_ratio=o.warmup_ratio,
+                        schedule=o.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                        grad_clip=o.grad_clip or None)
+
+
+def build_loss_config(c: ml_collections.ConfigDict) -> PolicyLossConfig:
+  g = c.grpo
+  return PolicyLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
+                          aggregation=g.aggregation, max_response_len=c.rollout.max_new_tokens, kl_coef=g.kl_coef,
+                          kl_estimator=g.kl_estimator)
+
+
+def logprob_temperature(c: ml_collections.ConfigDict) -> float:
+  """Log-probs are taken under logits / T of the rollouts (greedy rollouts: T = 1)."""
+  return c.rollout.temperature or 1.0
+
+
+def build_train_step(c: ml_collections.ConfigDict, graphdef, optimizer: optax.GradientTransformation):
+  return make_train_step(graphdef, optimizer, StepConfig(build_loss_config(c), logprob_temperature(c)))
+
+
+def build_logprob_fn(c: ml_collections.ConfigDict, graphdef):
+  return make_logprob_fn(graphdef, logprob_temperature(c))
+
+
+def build_batch_layout(mesh) -> BatchLayout:
+  return BatchLayout.for_mesh(mesh)
