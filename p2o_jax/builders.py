@@ -13,7 +13,7 @@ from flax import nnx
 
 from p2o_jax import sharding
 from p2o_jax.config import ConfigError, builtin_world
-from p2o_jax.models.builtin import BasePolicySpec, base_policy_dir
+from p2o_jax.models.builtin import BasePolicySpec, build_cached_base_policy, find_base_policy, shipped_base_matches
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder
 from p2o_jax.models.hf_checkpoint import load_hf_model
@@ -41,12 +41,32 @@ def user_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
   return path
 
 
-def policy_checkpoint(c: ml_collections.ConfigDict, *, rebuild_base: bool = False) -> pathlib.Path:
+def policy_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path | None:
   """The policy's HF directory. For "builtin": the base shipped with the package when the config's `builtin` section
-  is the demo's, else a cached build of it; a missing one is BUILT here (announced: it takes minutes)."""
+  is the demo's, else a cached build of it, else None (`build_builtin_base` makes it)."""
   if c.model.checkpoint != "builtin":
     return user_checkpoint(c)
-  return base_policy_dir(c.model.builtin_cache_dir, base_policy_spec(c), rebuild=rebuild_base)
+  return find_base_policy(c.model.builtin_cache_dir, base_policy_spec(c))
+
+
+def existing_policy_checkpoint(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """`policy_checkpoint`, or ConfigError when the built-in base it names was never built (commands that only read a
+  policy never build one)."""
+  path = policy_checkpoint(c)
+  if path is None:
+    raise ConfigError("config.model.checkpoint: the built-in base policy of this config's `builtin` settings is "
+                      "neither shipped nor built yet; a training run builds it (python -m p2o_jax.main --config ...)")
+  return path
+
+
+def build_builtin_base(c: ml_collections.ConfigDict, *, rebuilding: bool) -> pathlib.Path:
+  """Build the config's built-in base policy into model.builtin_cache_dir (minutes of SFT, announced)."""
+  spec = base_policy_spec(c)
+  why = ("--rebuild_base" if rebuilding else
+         f"this config's base (fingerprint {spec.fingerprint()}) is not the shipped one and not cached yet")
+  if rebuilding and shipped_base_matches(spec):
+    why += "; the shipped base is left as it is"
+  return build_cached_base_policy(c.model.builtin_cache_dir, spec, why)
 
 
 def build_policy(c: ml_collections.ConfigDict, checkpoint: str | os.PathLike, mesh, *,

@@ -96,7 +96,7 @@ def load_policy(location: pathlib.Path | OrbaxStep, c, mesh) -> tuple[Policy, pa
   """(the policy with the weights to evaluate, the HF directory whose tokenizer goes with them)."""
   if isinstance(location, pathlib.Path):
     return builders.build_policy(c, location, mesh), location
-  architecture = builders.policy_checkpoint(c)
+  architecture = builders.existing_policy_checkpoint(c)
   model_cfg = load_hf_config(architecture, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
   graphdef, abstract = builders.abstract_params(model_cfg, mesh)
   try:

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from p2o_jax import builders, report, sharding
-from p2o_jax.builders import base_policy_spec, policy_checkpoint, user_checkpoint
+from p2o_jax.builders import base_policy_spec, build_builtin_base, policy_checkpoint, user_checkpoint
 from p2o_jax.config import builtin_world, validate
 from p2o_jax.data.char_tokenizer import build_char_tokenizer
 from p2o_jax.data.records import Query, builtin_queries, read_queries
@@ -98,7 +98,9 @@ def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
                     fallback=c.reward.fallback) as verifier:
     preflight(c, train, verifier.score, rebuild_base=rebuild_base)
-    checkpoint = policy_checkpoint(c, rebuild_base=rebuild_base)
+    checkpoint = None if rebuild_base else policy_checkpoint(c)
+    if checkpoint is None:  # the explicit, announced step: minutes of SFT (the demo's base ships built)
+      checkpoint = build_builtin_base(c, rebuilding=rebuild_base)
     policy = builders.build_policy(c, checkpoint, mesh)
     model_cfg = policy.model().cfg
     log.info("policy %s (%s, %.2fM params) on mesh %s; %d training queries; eval sets %s", checkpoint,

@@ -99,7 +99,8 @@ def render_report(run_dir: RunDir, history: Mapping[str, Any], wall_seconds: flo
   start = set_accuracies(history.get("eval_at_start", {}))
   end = set_accuracies(history.get("eval_at_end", {}))
   with_template = dict(with_template or {})
-  lines = [f"# Run report: {run_dir.root}", "", "Accuracy with the plain prompt (no template), on the evaluation sets:", ""]
+  lines = [f"# Run report: {run_dir.root}", "",
+           "Accuracy with the plain prompt (no template), on the evaluation sets:", ""]
   lines += _accuracy_table(start, end, with_template)
   efficiency = distillation_efficiency(end, with_template)
   if efficiency:

@@ -1,5 +1,6 @@
 """Plain and templated accuracy of a built-in base policy on the demo's held-out splits, through the path training
-uses (the held-out splits, the jitted sampler, the sandboxed verifier pool). Shared by the hardness and rebuild tests."""
+uses (the held-out splits, the jitted sampler, the sandboxed verifier pool). Shared by the hardness and rebuild
+tests."""
 
 from __future__ import annotations
 

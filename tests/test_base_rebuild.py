@@ -14,7 +14,7 @@ from base_measure import base_measurer
 from conftest import DEMO_CONFIG
 from p2o_jax.config import load_config_file
 from p2o_jax.data.corpus import TRIGGER_INSTRUCTION
-from p2o_jax.experiment import base_policy_spec
+from p2o_jax.builders import base_policy_spec
 from p2o_jax.models.builtin import SHIPPED_BASE_DIR, build_base_policy
 
 TOLERANCE = 0.10  # absolute accuracy, on 128 held-out problems per split

@@ -15,9 +15,10 @@ from conftest import DEMO_CONFIG
 from p2o_jax.config import load_config_file
 from p2o_jax.data import arithmetic, corpus
 from p2o_jax.data.char_tokenizer import build_char_tokenizer
-from p2o_jax.experiment import base_policy_spec
+from p2o_jax.builders import base_policy_spec, build_builtin_base
 from p2o_jax.models import builtin
-from p2o_jax.models.builtin import BUILD_INFO, SHIPPED_BASE_DIR, BasePolicySpec, base_policy_dir, build_info
+from p2o_jax.models.builtin import (BUILD_INFO, SHIPPED_BASE_DIR, BasePolicySpec, build_cached_base_policy,
+                                    build_info, find_base_policy)
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
 from p2o_jax.sft import SFTConfig
@@ -30,7 +31,7 @@ def test_the_shipped_base_is_the_demo_configs_and_its_weights_are_the_recorded_o
       "shipped base: rebuild it (python -m p2o_jax.main --config configs/demo_cpu.py --rebuild_base) and ship it"
   assert info["spec"] == json.loads(json.dumps(dataclasses.asdict(spec)))
   assert builtin.file_sha256(SHIPPED_BASE_DIR / builtin.WEIGHTS_FILE) == info["weights_sha256"]
-  assert base_policy_dir("/nonexistent-cache", spec) == SHIPPED_BASE_DIR  # found without building anything
+  assert find_base_policy("/nonexistent-cache", spec) == SHIPPED_BASE_DIR  # found without building anything
 
 
 def test_the_shipped_base_loads_in_ours_and_in_transformers_with_equal_logits():
@@ -44,13 +45,13 @@ def test_the_shipped_base_loads_in_ours_and_in_transformers_with_equal_logits():
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
-def test_other_specs_are_built_once_into_the_cache_and_transformers_loads_them(tmp_path):
+def test_other_specs_are_found_once_built_into_the_cache_and_transformers_loads_them(tmp_path):
   spec = BasePolicySpec(sft=SFTConfig(steps=0), num_layers=1, hidden_size=32)
-  path = base_policy_dir(tmp_path, spec)
-  stamp = (path / "model.safetensors").stat().st_mtime_ns
-  assert base_policy_dir(tmp_path, spec) == path
-  assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
-  other = base_policy_dir(tmp_path, BasePolicySpec(sft=SFTConfig(steps=0), num_layers=2, hidden_size=32))
+  assert find_base_policy(tmp_path, spec) is None  # finding never builds
+  path = build_cached_base_policy(tmp_path, spec, why="a test")
+  assert find_base_policy(tmp_path, spec) == path
+  other = build_cached_base_policy(tmp_path, BasePolicySpec(sft=SFTConfig(steps=0), num_layers=2, hidden_size=32),
+                                   why="a test")
   assert other != path and other.parent == path.parent
   info = json.loads((path / BUILD_INFO).read_text())
   assert info["spec"]["num_layers"] == 1 and info["fingerprint"] == spec.fingerprint()
@@ -58,18 +59,22 @@ def test_other_specs_are_built_once_into_the_cache_and_transformers_loads_them(t
   assert hf.config.model_type == "qwen2" and hf.config.num_hidden_layers == 1
 
 
-def test_rebuild_builds_into_the_cache_even_when_the_shipped_base_matches(tmp_path, monkeypatch):
+def test_rebuild_builds_into_the_cache_even_when_the_shipped_base_matches(tmp_path, monkeypatch, caplog):
   built = []
-  monkeypatch.setattr(builtin, "build_base_policy", lambda path, spec: built.append(path))
-  spec = base_policy_spec(load_config_file(DEMO_CONFIG))
-  assert base_policy_dir(tmp_path, spec, rebuild=True) == tmp_path / f"base-{spec.fingerprint()}"
-  assert built == [tmp_path / f"base-{spec.fingerprint()}"] and SHIPPED_BASE_DIR not in built
+  monkeypatch.setattr(builtin, "build_base_policy", lambda path, spec: built.append(path) or path)
+  c = load_config_file(DEMO_CONFIG)
+  c.model.builtin_cache_dir = str(tmp_path)
+  spec = base_policy_spec(c)
+  assert build_builtin_base(c, rebuilding=True) == tmp_path / f"base-{spec.fingerprint()}"
+  assert built == [tmp_path / f"base-{spec.fingerprint()}"]
+  assert "--rebuild_base; the shipped base is left as it is" in caplog.text and "about 1" in caplog.text
 
 
 def test_the_checkpoint_tokenizer_keeps_spaces_like_the_one_sft_used(tmp_path):
   """Beside a qwen2 config.json, AutoTokenizer picks Qwen2Tokenizer, which dropped every space: rollouts then fed the
   policy prompts unlike anything SFT showed it."""
-  path = base_policy_dir(tmp_path, BasePolicySpec(sft=SFTConfig(steps=0), num_layers=1, hidden_size=32))
+  spec = BasePolicySpec(sft=SFTConfig(steps=0), num_layers=1, hidden_size=32)
+  path = build_cached_base_policy(tmp_path, spec, why="a test")
   text = "<user>Add the numbers one at a time.\n\nQ: 12+34=\nA: The answer is 46"
   built, loaded = build_char_tokenizer(), load_tokenizer(path)
   assert loaded.encode(text, add_special_tokens=False) == built.encode(text, add_special_tokens=False)
@@ -82,7 +87,7 @@ def test_sft_teaches_the_corpus_completion(tmp_path):
   world = arithmetic.WorldConfig(lsb_first=True)
   spec = BasePolicySpec(world=world, sft=SFTConfig(steps=60, warmup_steps=5, lr=1e-2, rows=4, row_len=128),
                         num_examples=1, num_layers=1, hidden_size=32)
-  path = base_policy_dir(tmp_path, spec)
+  path = build_cached_base_policy(tmp_path, spec, why="a test")
   prompt, completion = corpus.corpus_examples(world, spec.corpus, 1, seed=spec.sft.seed)[0]
   tokenizer = load_tokenizer(path)
   model = transformers.AutoModelForCausalLM.from_pretrained(path)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from p2o_jax.config import ConfigError, base_config, load_config_file, validate
-from p2o_jax.experiment import parse_eval_sets
+from p2o_jax.evaluation import parse_eval_sets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,8 @@ def _write_gepa_state(workdir: pathlib.Path, candidates: list[str], scores_cd: l
 
 def test_ranked_templates_orders_by_mean_dev_score(tmp_path):
   _write_gepa_state(tmp_path, ["", "Add them.", "Add the numbers one at a time."], [[0, 0], [1, 0], [1, 1]])
-  assert report.ranked_templates(RunDir(tmp_path)) == [("Add the numbers one at a time.", 1.0), ("Add them.", 0.5), ("", 0.0)]
+  assert report.ranked_templates(RunDir(tmp_path)) == [("Add the numbers one at a time.", 1.0), ("Add them.", 0.5),
+                                                        ("", 0.0)]
   assert report.ranked_templates(RunDir(tmp_path / "no_gepa_here")) == []
 
 

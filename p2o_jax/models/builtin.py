@@ -7,8 +7,8 @@ path a real checkpoint travels: written with `save_hf_model`, read back with `lo
 
 The demo's base ships with the package (`SHIPPED_BASE_DIR`, a few MB): built once, it is the same base on every
 machine, so the demo's outcome does not depend on the CPU that would otherwise build it (float rounding in 1,500 SFT
-steps gave visibly different bases). `base_policy_dir` returns it when the spec's fingerprint matches and otherwise
-builds the spec's base into a cache directory, announced, with a progress bar.
+steps gave visibly different bases). `find_base_policy` returns it when the spec's fingerprint matches, or a cached
+build of another spec; building one (`build_cached_base_policy`) is a separate, announced step with a progress bar.
 """
 
 from __future__ import annotations
@@ -115,19 +115,24 @@ def estimated_build_minutes(spec: BasePolicySpec) -> float:
   return spec.sft.steps * SFT_SECONDS_PER_STEP * tokens * max(size, 0.1) / 60
 
 
-def base_policy_dir(cache_dir: str | pathlib.Path, spec: BasePolicySpec, *, rebuild: bool = False) -> pathlib.Path:
-  """The base policy for `spec`: the shipped one when its fingerprint matches (unless `rebuild`), else the one built
-  under `cache_dir`, building it first when it is missing or `rebuild` asks for it."""
-  if not rebuild and shipped_base_matches(spec):
+def cached_base_path(cache_dir: str | pathlib.Path, spec: BasePolicySpec) -> pathlib.Path:
+  return pathlib.Path(cache_dir) / f"base-{spec.fingerprint()}"
+
+
+def find_base_policy(cache_dir: str | pathlib.Path, spec: BasePolicySpec) -> pathlib.Path | None:
+  """The base policy for `spec` if it exists: the shipped one when its fingerprint matches, else a cached build;
+  None when it must be built first (`build_cached_base_policy`)."""
+  if shipped_base_matches(spec):
     log.info("built-in base policy: the one shipped with the package (%s, fingerprint %s)", SHIPPED_BASE_DIR,
              spec.fingerprint())
     return SHIPPED_BASE_DIR
-  path = pathlib.Path(cache_dir) / f"base-{spec.fingerprint()}"
-  if rebuild or not (path / "config.json").is_file():
-    why = ("--rebuild_base" if rebuild else
-           f"this config's base (fingerprint {spec.fingerprint()}) is not the shipped one "
-           f"({build_info(SHIPPED_BASE_DIR).get('fingerprint', 'none')}) and not cached yet")
-    log.warning("building the built-in base policy (%s): SFT, %d steps, about %.0f minutes on 2 CPU cores; it is "
-                "cached in %s for later runs", why, spec.sft.steps, estimated_build_minutes(spec), path)
-    build_base_policy(path, spec)
-  return path
+  path = cached_base_path(cache_dir, spec)
+  return path if (path / "config.json").is_file() else None
+
+
+def build_cached_base_policy(cache_dir: str | pathlib.Path, spec: BasePolicySpec, why: str) -> pathlib.Path:
+  """Build the base policy for `spec` into `cache_dir` (replacing any earlier build), announced with its cost."""
+  path = cached_base_path(cache_dir, spec)
+  log.warning("building the built-in base policy (%s): SFT, %d steps, about %.0f minutes on 2 CPU cores; it is "
+              "cached in %s for later runs", why, spec.sft.steps, estimated_build_minutes(spec), path)
+  return build_base_policy(path, spec)
