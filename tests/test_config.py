@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from p2o_jax.config import ConfigError, base_config, load_config_file, validate
+from p2o_jax.config import CHOICES, ConfigError, base_config, load_config_file, validate
 from p2o_jax.evaluation import parse_eval_sets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,6 +42,37 @@ def test_bad_values_name_their_key(key, value, message):
   c[section][field] = value
   with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
     validate(c)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_string_option_is_checked_against_its_registry_in_one_line(key):
+  c = base_config()
+  c.data.train_path = "train.jsonl"
+  c.p2o.enabled = True  # the p2o section is validated only then
+  section, field = key.split(".")
+  c[section][field] = "no-such-value"
+  with pytest.raises(ConfigError) as raised:
+    validate(c)
+  message = str(raised.value)
+  assert "\n" not in message and message.startswith(f"config.{key}: 'no-such-value' is not one of (")
+  assert all(repr(name) in message for name in CHOICES[key])  # the allowed values are named
+
+
+def test_the_registries_behind_the_options_are_the_implementations():
+  from p2o_jax.p2o.distillation import DISTILLATIONS  # pylint: disable=import-outside-toplevel
+  from p2o_jax.p2o.reflectors import REFLECTORS  # pylint: disable=import-outside-toplevel
+  assert CHOICES["p2o.reflector"] is REFLECTORS and CHOICES["p2o.distillation"] is DISTILLATIONS
+  assert set(CHOICES["p2o.ratio_mask"]) == {"hard", "soft", "off"}
+
+
+def test_importing_the_commands_registers_no_flags():
+  """Flags are registered when a command runs: a notebook or a test may import any command module."""
+  code = ("from absl import app, flags, logging; before = set(flags.FLAGS)\n"  # absl's own flags come first
+          "import p2o_jax.main, p2o_jax.cli, p2o_jax.evaluate, p2o_jax.compare, p2o_jax.dry_run\n"
+          "print(sorted(set(flags.FLAGS) - before))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
 
 
 def test_workdir_must_be_local_with_checkpoints_on_gcs_instead():

@@ -92,6 +92,10 @@ def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(poli
   assert not (tmp_path / "templates" / "epoch_001.md").exists()
   first = gepa_records[0]
   assert first["p2o/gepa_metric_calls"] <= 400 + 4 * (2 * 1 + 4)  # budget + at most one iteration's worst case
+  # The reflector's own counters are logged per search: every request was accepted or rejected for a reason.
+  reflector = {k.split("/")[-1]: v for k, v in first.items() if k.startswith("p2o/reflector/")}
+  assert reflector["requests"] >= first["p2o/gepa_iterations"] > 0
+  assert reflector["requests"] == reflector["accepted"] + sum(v for k, v in reflector.items() if k.startswith("rejected"))
   assert (tmp_path / "templates" / "epoch_000.md").read_text().startswith("# GEPA after epoch 0")
   # Epoch 1 (steps 3-4) rolls out with the templates GEPA assigned after epoch 0.
   templated = [(turns, ctx) for turns, ctx in seen[2:] if ctx.generate != ctx.train]
