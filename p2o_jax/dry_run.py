@@ -33,7 +33,6 @@ from p2o_jax.cli import define_common_flags, load_config, run_command
 from p2o_jax.config import ConfigError, validate
 from p2o_jax.models.builtin import SHIPPED_BASE_DIR, shipped_base_matches
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
-from p2o_jax.rl.batch_layout import BatchLayout
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -131,7 +130,7 @@ class AbstractSteps:
   def build(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> AbstractSteps:
     graphdef, params = builders.abstract_params(model_cfg, mesh)
     optimizer = builders.build_optimizer(c, planned_train_steps(c))
-    layout = BatchLayout(mesh, sharding.batch_divisor(mesh))
+    layout = builders.build_batch_layout(mesh)
     return cls(train_step=builders.build_train_step(c, graphdef, optimizer),
                logprobs=builders.build_logprob_fn(c, graphdef), params=params,
                opt_state=_abstract_opt_state(optimizer, params, mesh),
