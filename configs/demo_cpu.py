@@ -2,10 +2,11 @@
 
 python -m p2o_jax.main --config configs/demo_cpu.py [--config.train.max_steps=4 ...] [--workdir DIR]
 
-On first use the base policy is "pre-trained" by our own SFT on the synthetic corpus (~13.5 minutes on 2 idle cores)
-and cached under .cache/p2o_jax/builtin_policy; the P^2O run itself then takes ~3.5 minutes. The reflector is the
-OFFLINE fragment proposer (p2o_jax/p2o/offline_proposer.py): it edits templates by recombining instruction fragments
-guided by GEPA's scores; no model writes the templates.
+The base policy these `builtin` settings describe (our own SFT on the synthetic corpus) ships with the package
+(p2o_jax/models/builtin_base), so the run takes ~3 minutes on 2 cores; change a `builtin` setting (or pass
+--rebuild_base) and the base is built first (~13 minutes of SFT) and cached under .cache/p2o_jax/builtin_policy.
+The reflector is the OFFLINE fragment proposer (p2o_jax/p2o/offline_proposer.py): it edits templates by recombining
+instruction fragments guided by GEPA's scores; no model writes the templates.
 """
 
 import ml_collections
@@ -30,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the base must fetch each operand from the question by position, and the taught instruction solved only 39% of
   # held-out hard sums (mostly miscopied operands).
   c.builtin.scratchpad_format = "with_rest"
-  # ~13.5 minutes on 2 idle cores, once, then cached (tests/test_builtin_hardness.py measures the result).
+  # The shipped base was built with these settings (768 s on 2 cores); tests/test_builtin_hardness.py measures it.
   c.builtin.sft_steps = 1500
   c.data.source = "builtin"
   c.data.prompt_format = "{question}"
