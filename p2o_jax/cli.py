@@ -18,14 +18,12 @@ _FLAGS: dict[str, flags.FlagHolder] = {}
 
 
 def define_common_flags() -> None:
-  """--config, --workdir and --rebuild_base, registered when a command runs (never when a module is imported)."""
+  """--config and --workdir, registered when a command runs (never when a module is imported)."""
   if _FLAGS:
     return
   _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                                      lock_config=True)
   _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
-  _FLAGS["rebuild_base"] = flags.DEFINE_bool("rebuild_base", False, "Build the built-in base policy anew (SFT, "
-                                             "minutes) instead of using the shipped or cached one.")
 
 
 def flag_value(name: str):
@@ -97,4 +95,6 @@ def run_command(define_flags, command_main) -> None:
 
 def run() -> None:
   define_common_flags()
+  _FLAGS["rebuild_base"] = flags.DEFINE_bool("rebuild_base", False, "Build the built-in base policy anew (SFT, "
+                                             "minutes) instead of using the shipped or cached one.")
   app.run(main, flags_parser=parse_flags)

@@ -51,3 +51,16 @@ def test_a_broken_run_directory_fails_in_seconds_before_any_base_build(tmp_path)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: config.workdir {blocker / 'run'} is not writable")
   assert "building the built-in base" not in result.stderr and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_rebuild_base_builds_an_announced_base_into_the_cache_and_trains_from_it(tmp_path):
+  cache = tmp_path / "cache"
+  tiny_base = ["--config.builtin.sft_steps=3", "--config.builtin.num_layers=1", "--config.builtin.hidden_size=32",
+               "--config.builtin.sft_examples=64", f"--config.model.builtin_cache_dir={cache}"]
+  result = run_demo("--workdir", str(tmp_path / "run"), "--rebuild_base", *tiny_base, *SMOKE_ARGS,
+                    "--config.train.epochs=1", "--config.p2o.enabled=False")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "building the built-in base policy (--rebuild_base): SFT, 3 steps, about" in result.stderr
+  built = list(cache.glob("base-*/config.json"))
+  assert len(built) == 1 and f"policy {built[0].parent} (qwen2" in result.stderr
