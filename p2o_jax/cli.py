@@ -31,7 +31,10 @@ def flag_value(name: str):
 
 
 def one_line(e: BaseException) -> str:
-  return " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+  text = " ".join(str(e).replace("\\n", " ").split())
+  if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # KeyError's str() quotes its whole message
+    text = text[1:-1]
+  return text
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -75,6 +75,13 @@ def test_importing_the_commands_registers_no_flags():
   assert out.stdout.strip() == "[]"
 
 
+def test_one_line_unwraps_a_quoted_message_but_keeps_quotes_inside_it():
+  from p2o_jax.cli import one_line  # pylint: disable=import-outside-toplevel
+  assert one_line(KeyError("no such key\nat all")) == "no such key at all"
+  assert one_line(ValueError("invalid literal for int() with base 10: 'abc'")) == \
+      "invalid literal for int() with base 10: 'abc'"
+
+
 def test_workdir_must_be_local_with_checkpoints_on_gcs_instead():
   c = base_config()
   c.data.train_path = "train.jsonl"
