@@ -244,6 +244,7 @@ def cli(files, *args: str, env=None) -> subprocess.Popen:
                           env=env)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_table_and_fails_in_one_line(files, tmp_path):
   # A seqio that fails to import: the command must fall back to read_queries (and skips TensorFlow's import time).
   # One set only: the protocols per set size are checked in-process; here the command's plumbing is.

@@ -56,8 +56,9 @@ def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7):
   return delta, jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow),
-                                         pytest.param("seq-mean-token-sum-norm", marks=pytest.mark.slow)])
+# Slow (10-15 s each); the fast tier keeps the loss-level check (tests/test_losses.py, micro-batch accumulation).
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_accumulated_gradient_equals_full_batch(aggregation):
   rows = random_rows()
   full, full_metrics = one_sgd_step(rows, micro=ROWS, aggregation=aggregation)
@@ -117,6 +118,7 @@ def test_logprobs_match_a_plain_forward_pass():
     np.testing.assert_allclose(got[r, :n], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rematerialized_layers_give_the_same_logprobs_and_update():
   """model.remat recomputes activations in the backward pass; the numbers must not change."""
   rows = random_rows()
