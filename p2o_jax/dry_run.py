@@ -33,6 +33,7 @@ from p2o_jax.cli import define_common_flags, load_config, run_command
 from p2o_jax.config import ConfigError, validate
 from p2o_jax.models.builtin import SHIPPED_BASE_DIR, shipped_base_matches
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
+from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -156,7 +157,7 @@ def check_context_fits(c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> 
   r = c.rollout
   spans = {"rollout.max_new_tokens": r.max_prompt_len + r.max_new_tokens,
            "eval.max_new_tokens": r.max_prompt_len + (c.eval.max_new_tokens or r.max_new_tokens)}
-  if c.p2o.enabled and c.p2o.reflector == "self":  # the policy itself writes the new templates
+  if c.p2o.enabled and c.p2o.reflector in REFERENCE_REFLECTORS:  # the policy itself writes the new templates
     spans["p2o.reflection_max_new_tokens"] = c.p2o.reflection_max_prompt_len + c.p2o.reflection_max_new_tokens
   for key, span in spans.items():
     if span > model_cfg.max_position_embeddings:
