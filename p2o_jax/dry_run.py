@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 from p2o_jax import builders, sharding
 from p2o_jax.cli import define_common_flags, load_config, run_command
 from p2o_jax.config import ConfigError, validate
-from p2o_jax.models.builtin import SHIPPED_BASE_DIR, shipped_base_matches
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
 from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS
 
@@ -253,10 +252,11 @@ def replicated_dimensions(params: nnx.State, mesh: Mesh) -> tuple[str, ...]:
 def read_model_config(c: ml_collections.ConfigDict, path: str | None) -> dict[str, Any]:
   """The architecture dict from `path`, or from the config's checkpoint directory."""
   if not path and c.model.checkpoint == "builtin":
-    if not shipped_base_matches(builders.base_policy_spec(c)):
-      raise ConfigError("config.model.checkpoint: this 'builtin' base is not the shipped one and has no config.json "
-                        "before its first build; pass --model_config")
-    path = SHIPPED_BASE_DIR / "config.json"
+    base = builders.policy_checkpoint(c)  # the shipped base or a cached build; never builds
+    if base is None:
+      raise ConfigError("config.model.checkpoint: this 'builtin' base is neither shipped nor built yet and has no "
+                        "config.json; pass --model_config")
+    path = base / "config.json"
   file = pathlib.Path(path) if path else pathlib.Path(c.model.checkpoint) / "config.json"
   if not file.is_file():
     raise ConfigError(f"config.model.checkpoint: {file} not found; pass --model_config path/to/config.json")

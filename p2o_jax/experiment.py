@@ -14,12 +14,11 @@ import jax
 import ml_collections
 
 from p2o_jax import builders, report, sharding
-from p2o_jax.builders import base_policy_spec, build_builtin_base, policy_checkpoint, user_checkpoint
+from p2o_jax.builders import build_builtin_base, policy_checkpoint
 from p2o_jax.config import builtin_world, validate
 from p2o_jax.data.char_tokenizer import build_char_tokenizer
 from p2o_jax.data.records import Query, builtin_queries, read_queries
 from p2o_jax.evaluation import EvalProtocol, builtin_sets, evaluate_set, parse_eval_sets
-from p2o_jax.models.builtin import SHIPPED_BASE_DIR, shipped_base_matches
 from p2o_jax.models.tokenizer import load_tokenizer
 from p2o_jax.p2o.hooks import P2OHooks
 from p2o_jax.preflight import check_chat_template, check_verifier, check_writable_dir
@@ -30,23 +29,13 @@ from p2o_jax.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 
-def preflight_tokenizer(c: ml_collections.ConfigDict, rebuild_base: bool = False):
-  """The run's tokenizer, available before any base build: the built-in policy's is the character tokenizer."""
-  if c.model.checkpoint != "builtin":
-    return load_tokenizer(user_checkpoint(c))
-  if not rebuild_base and shipped_base_matches(base_policy_spec(c)):
-    return load_tokenizer(SHIPPED_BASE_DIR)
-  return build_char_tokenizer()
-
-
-def preflight(c: ml_collections.ConfigDict, train: Sequence[Query], score, *, rebuild_base: bool = False) -> None:
+def preflight(c: ml_collections.ConfigDict, train: Sequence[Query], score, tokenizer) -> None:
   """Everything that could fail after minutes of work, checked in seconds (p2o_jax/preflight.py)."""
   run_dir = RunDir.from_config(c)
   check_writable_dir(run_dir.root, "config.workdir")
   check_writable_dir(run_dir.checkpoints, "the checkpoint directory")
   sample = list(train[:4])
-  check_chat_template(preflight_tokenizer(c, rebuild_base), [c.data.prompt_format.format(question=q.question)
-                                                             for q in sample])
+  check_chat_template(tokenizer, [c.data.prompt_format.format(question=q.question) for q in sample])
   check_verifier(score, sample)
 
 
@@ -97,8 +86,9 @@ def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None
   train, eval_sets = load_data(c)
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
                     fallback=c.reward.fallback) as verifier:
-    preflight(c, train, verifier.score, rebuild_base=rebuild_base)
     checkpoint = None if rebuild_base else policy_checkpoint(c)
+    # A base still to build is the built-in policy, whose tokenizer is the character tokenizer.
+    preflight(c, train, verifier.score, load_tokenizer(checkpoint) if checkpoint else build_char_tokenizer())
     if checkpoint is None:  # the explicit, announced step: minutes of SFT (the demo's base ships built)
       checkpoint = build_builtin_base(c, rebuilding=rebuild_base)
     policy = builders.build_policy(c, checkpoint, mesh)

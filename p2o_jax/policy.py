@@ -48,10 +48,6 @@ class Policy:
   def pad_id(self) -> int:
     return self.tokenizer.pad_token_id
 
-  @property
-  def max_prompt_len(self) -> int:
-    return self.sampler.max_prompt_len
-
   def freeze_reference(self) -> None:
     """Keep a frozen copy of the current params as the reference (call before training moves them); idempotent."""
     if self.ref_params is None:  # a copy, not an alias: the actor's buffers are donated to the train step
