@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/qwen3_4b_deepscaler"
   c.model.checkpoint = "/mnt/models/Qwen3-4B"
   c.model.compute_dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat = "full"
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.data.train_path = "/mnt/data/deepscaler_5k.parquet"
   c.data.question_field, c.data.answer_field = "problem", "answer"

@@ -13,6 +13,7 @@ from flax import nnx
 
 from p2o_jax import sharding
 from p2o_jax.config import ConfigError, builtin_world
+from p2o_jax.models.attention import resolve_attention
 from p2o_jax.models.builtin import BasePolicySpec, build_cached_base_policy, find_base_policy, shipped_base_matches
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder
@@ -75,10 +76,18 @@ def build_policy(c: ml_collections.ConfigDict, checkpoint: str | os.PathLike, me
   sampling prompts of up to rollout.max_prompt_len tokens; its reference (the same weights, frozen) samples Self-Ref
   reflections of up to p2o.reflection_max_prompt_len."""
   if model is None:
-    model = load_hf_model(checkpoint, mesh=mesh, param_dtype=c.model.param_dtype,
-                          compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+    model = load_hf_model(checkpoint, mesh=mesh, **model_overrides(c, mesh))
   return Policy(model, load_tokenizer(checkpoint), mesh=mesh, max_prompt_len=c.rollout.max_prompt_len,
                 reference_max_prompt_len=c.p2o.reflection_max_prompt_len)
+
+
+def model_overrides(c: ml_collections.ConfigDict, mesh) -> dict[str, str]:
+  """The config's numeric choices for the model (ModelConfig fields), "auto" attention resolved for the mesh's
+  devices: what the dry run compiles for a TPU topology is what a TPU run executes."""
+  m = c.model
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+              attention=resolve_attention(m.attention, platform))
 
 
 def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, nnx.State]:

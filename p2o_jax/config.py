@@ -11,6 +11,8 @@ import ml_collections
 
 from p2o_jax.data import arithmetic
 from p2o_jax.distributed import CPU_COLLECTIVES, INITIALIZE_MODES
+from p2o_jax.models.attention import ATTENTION_CHOICES
+from p2o_jax.models.config import REMAT_POLICIES
 from p2o_jax.p2o.distillation import DISTILLATIONS, RATIO_MASKS
 from p2o_jax.p2o.reflectors import REFLECTORS
 from p2o_jax.rewards.extract import FALLBACKS
@@ -25,6 +27,8 @@ _DTYPES = ("float32", "bfloat16")
 CHOICES = {
     "model.param_dtype": _DTYPES,
     "model.compute_dtype": _DTYPES,
+    "model.remat": REMAT_POLICIES,
+    "model.attention": ATTENTION_CHOICES,
     "data.source": ("file", "builtin"),
     "reward.fallback": FALLBACKS,
     "grpo.advantage": ADVANTAGE_ESTIMATORS,
@@ -49,8 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = "runs/default"
 
+  # remat: what each layer recomputes in the backward pass ("none", "full": only layer inputs kept, "save_dots": the
+  # projections' outputs kept). attention: "auto" (splash on TPU, cuDNN on GPU, plain on CPU) or an implementation
+  # of p2o_jax/models/attention.py.
   c.model = dict(checkpoint="builtin", builtin_cache_dir=".cache/p2o_jax/builtin_policy", param_dtype="float32",
-                 compute_dtype="float32", remat=False)
+                 compute_dtype="float32", remat="none", attention="auto")
   # The built-in task (data.source="builtin") and its base policy (model.checkpoint="builtin"): the arithmetic world
   # (p2o_jax/data/arithmetic.py) and the tiny Qwen2 model SFT-trained on its corpus, cached per distinct setting.
   c.builtin = dict(easy_operands=(2, 2), easy_digits=(2, 3), hard_operands=(4, 6), hard_digits=(2, 2),
@@ -141,6 +148,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   """Raise ConfigError for the first impossible value or combination."""
   _one_of(c, "model.param_dtype")
   _one_of(c, "model.compute_dtype")
+  _one_of(c, "model.remat")
+  _one_of(c, "model.attention")
   for axis in ("data", "fsdp", "tensor"):
     size = c.mesh[axis]
     _require(size == -1 or size >= 1, f"mesh.{axis}", f"{size} must be >= 1 or -1 (all remaining devices)")

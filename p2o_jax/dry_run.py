@@ -96,8 +96,7 @@ def dry_run(c: ml_collections.ConfigDict, hf_config: dict[str, Any],
   devices = list(devices if devices is not None else jax.devices())
   validate(c, len(devices))
   mesh = _mesh(c, devices)
-  model_cfg = from_hf_dict(hf_config, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-                           remat=c.model.remat)
+  model_cfg = from_hf_dict(hf_config, **builders.model_overrides(c, mesh))
   check_context_fits(c, model_cfg)
   steps = AbstractSteps.build(c, model_cfg, mesh)
   params, opt_state, minibatch, whole = steps.params, steps.opt_state, steps.minibatch, steps.whole

@@ -97,7 +97,7 @@ def load_policy(location: pathlib.Path | OrbaxStep, c, mesh) -> tuple[Policy, pa
   if isinstance(location, pathlib.Path):
     return builders.build_policy(c, location, mesh), location
   architecture = builders.existing_policy_checkpoint(c)
-  model_cfg = load_hf_config(architecture, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
+  model_cfg = load_hf_config(architecture, **builders.model_overrides(c, mesh))
   graphdef, abstract = builders.abstract_params(model_cfg, mesh)
   try:
     params = restore_params(location, abstract)

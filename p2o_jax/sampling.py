@@ -150,9 +150,7 @@ def _prefill(graphdef, state, tokens_bp, valid_bp, live_b, key, temperature, top
   length = p + mode.max_new_tokens
   cache = init_cache(model.cfg, b, length)
   key_valid = jnp.zeros((b, length), bool).at[:, :p].set(valid_bp)
-  causal = jnp.arange(length)[None, :] <= jnp.arange(p)[:, None]
-  mask = causal[None] & key_valid[:, None, :]
-  hidden, cache = model.hidden_states(tokens_bp, positions_from_mask(valid_bp), mask, cache, 0)
+  hidden, cache = model.hidden_states(tokens_bp, positions_from_mask(valid_bp), key_valid, cache, 0)
   logits = model.logits(hidden[:, -1:])[:, 0]
   token, logp = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=mode.greedy,
                               top_k=mode.top_k, use_top_p=mode.use_top_p)
@@ -177,8 +175,7 @@ def _decode(graphdef, state, carry, temperature, top_p, *, mode: _Mode):
     write_at = prompt_len + c["step"] - 1  # cache slot of the token sampled in the previous step
     key_valid = jax.lax.dynamic_update_slice_in_dim(c["key_valid"], jnp.ones((c["last"].shape[0], 1), bool),
                                                     write_at, 1)
-    hidden, cache = model.hidden_states(c["last"][:, None], c["position"][:, None], key_valid[:, None, :],
-                                        c["cache"], write_at)
+    hidden, cache = model.hidden_states(c["last"][:, None], c["position"][:, None], key_valid, c["cache"], write_at)
     logits = model.logits(hidden)[:, 0]
     token, logp = sample_tokens(logits, jax.random.fold_in(c["key"], c["step"]), temperature, top_p,
                                 greedy=mode.greedy, top_k=mode.top_k, use_top_p=mode.use_top_p)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning on (prompt, completion) text pairs: how the built-in policy gets its "pre-trained" abilities.
 
-Examples are packed several to a row; a block-diagonal causal mask and per-example positions keep them independent,
+Examples are packed several to a row; per-example segments (attention stays within one) and positions keep them independent,
 exactly as if each had its own row. The loss is the mean cross-entropy over completion tokens (and the EOS after them).
 """
 
@@ -66,20 +66,18 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, 
   return {"tokens": tokens, "loss_mask": loss_mask, "segments": segments}
 
 
-def packed_mask_and_positions(segments_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Causal attention within each segment only, and positions that restart at 0 for every segment."""
+def packed_positions(segments_bt: jax.Array) -> jax.Array:
+  """Positions that restart at 0 for every segment (the decoder keeps attention within each segment)."""
   t = segments_bt.shape[1]
-  same = segments_bt[:, :, None] == segments_bt[:, None, :]
-  mask = same & jnp.tril(jnp.ones((t, t), bool))[None] & (segments_bt > 0)[:, None, :]
   starts = jnp.concatenate([jnp.ones_like(segments_bt[:, :1], bool), segments_bt[:, 1:] != segments_bt[:, :-1]], 1)
   index = jnp.arange(t)[None, :]
   last_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-  return mask, index - last_start
+  return index - last_start
 
 
 def sft_loss(model: Decoder, batch: dict[str, jax.Array]) -> jax.Array:
-  mask, positions = packed_mask_and_positions(batch["segments"])
-  logits, _ = model(batch["tokens"][:, :-1], positions[:, :-1], mask[:, :-1, :-1])
+  positions = packed_positions(batch["segments"])
+  logits, _ = model(batch["tokens"][:, :-1], positions[:, :-1], batch["segments"][:, :-1])
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
   # Target t+1 counts only when it is a completion token of the same example as position t.

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_dots")  # see p2o_jax.models.decoder.REMAT_POLICIES
 
 
 class ModelConfigError(ValueError):
@@ -50,7 +51,8 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  remat: bool = False  # rematerialize each layer in the backward pass
+  remat: str = "none"  # what each layer recomputes in the backward pass: REMAT_POLICIES
+  attention: str = "plain"  # the implementation: a name in p2o_jax.models.attention.ATTENTIONS
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -60,6 +62,8 @@ class ModelConfig:
                              f"num_key_value_heads={self.num_kv_heads}")
     if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
       raise ModelConfigError(f"unsupported rope type {self.rope.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ModelConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ModelConfigError(f"{name}={getattr(self, name)!r}; expected one of {tuple(_DTYPES)}")
@@ -95,7 +99,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 
 
 def from_hf_dict(hf: dict[str, Any], **overrides) -> ModelConfig:
-  """Translate a transformers config dict; `overrides` set param_dtype, compute_dtype, remat."""
+  """Translate a transformers config dict; `overrides` set param_dtype, compute_dtype, remat, attention."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ModelConfigError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")

@@ -4,7 +4,9 @@ Every parameter carries `logical_axes` metadata; `p2o_jax.sharding` maps those n
 as their own axis ((embed, heads, head_dim) rather than (embed, heads*head_dim)) so the tensor axis can split heads.
 The forward pass optionally reads and writes a KV cache: a list with one {"k", "v"} dict per layer, each
 (batch, kv_heads, cache_len, head_dim), written at `cache_index`. Keeping kv_heads ahead of the sequence axis is the
-layout the attention matmuls consume, so a decode step never transposes the whole cache.
+layout the attention matmuls consume, so a decode step never transposes the whole cache. Attention is causal within
+each key slot's segment (`segments`, (batch, keys): 0 = padding; a bool validity mask is one segment);
+`p2o_jax.models.attention` builds the mask from it, never a (b, t, s) tensor.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2o_jax import sharding
+from p2o_jax.models.attention import attend
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 KVCache = list[dict[str, jax.Array]]
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
 
 
 def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
@@ -70,7 +72,7 @@ class Attention(nnx.Module):
       y = y + getattr(self, bias_name)[...].astype(x.dtype)
     return y
 
-  def __call__(self, x_bte, cos, sin, mask_bts, layer_cache, cache_index):
+  def __call__(self, x_bte, cos, sin, segments_bs, layer_cache, cache_index):
     cfg = self.cfg
     q = self._project(x_bte, self.q_proj, "q_bias")
     k = self._project(x_bte, self.k_proj, "k_bias")
@@ -80,10 +82,14 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): only the new tokens move
     if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 2)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 2)
-      layer_cache = {"k": k, "v": v}
-    out = _grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_bts, cfg.head_dim ** -0.5)
+      cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 2)
+      cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 2)
+      layer_cache = {"k": cache_k, "v": cache_v}
+      if not _is_prefill(cache_index):  # a prefill's keys are its own tokens: no need to attend over the empty cache
+        k, v = cache_k, cache_v
+    segments_bs = segments_bs[:, :k.shape[2]]
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), segments_bs, cache_index, scale=cfg.head_dim ** -0.5,
+                 impl=cfg.attention)
     b, t, h, d = out.shape
     out = _matmul_2d(out.reshape(b, t, h * d), self.o_proj[...].reshape(h * d, -1))
     if cfg.out_bias:
@@ -98,21 +104,8 @@ def _matmul_2d(x, kernel):
   return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _grouped_attention(q_bthd, k_bksd, v_bksd, mask_bts, scale):
-  """Softmax attention where each of the k kv-heads serves h/k query heads (GQA; MQA when k = 1).
-
-  Both products run with (b, kv) as batch axes and the query axes ahead of the contracted ones, so XLA:CPU emits
-  plain batched matmuls. Writing the output straight in (b, t, kv, g, d) order instead makes it lower the products
-  to loop fusions: 4x slower for a decode step, ~1.3x for a full sequence.
-  """
-  b, t, h, d = q_bthd.shape
-  kv = k_bksd.shape[1]
-  q = q_bthd.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d); free when t = 1
-  scores = jnp.einsum("bkgtd,bksd->bkgts", q, k_bksd).astype(jnp.float32) * scale
-  scores = jnp.where(mask_bts[:, None, None, :, :], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
-  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_bksd)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+def _is_prefill(cache_index) -> bool:
+  return isinstance(cache_index, int) and cache_index == 0
 
 
 class MLP(nnx.Module):
@@ -152,21 +145,29 @@ class DecoderLayer(nnx.Module):
     self.post_attention_norm = RMSNorm(cfg.hidden_size, "embed", cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, cos, sin, mask_bts, layer_cache, cache_index):
-    attn_out, layer_cache = self.attn(self.input_norm(x), cos, sin, mask_bts, layer_cache, cache_index)
+  def __call__(self, x, cos, sin, segments_bs, layer_cache, cache_index):
+    attn_out, layer_cache = self.attn(self.input_norm(x), cos, sin, segments_bs, layer_cache, cache_index)
     x = x + attn_out
     x = x + self.mlp(self.post_attention_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed")), layer_cache
 
 
-def _rematerialized(layer: DecoderLayer, *args):
-  """layer(*args) with its activations recomputed in the backward pass.
+# What the backward pass may keep of a layer's forward instead of recomputing it (model.remat).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input: least memory
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the projections' outputs
+}
+
+
+def _rematerialized(layer: DecoderLayer, policy: str, x, cos, sin, segments_bs):
+  """layer(...) without a cache, its activations recomputed in the backward pass as `policy` says.
 
   A pure jax.checkpoint over the layer's split state: nnx.remat mutates Params across trace levels, which fails
   inside lax.map (the log-prob pass) and jax.eval_shape.
   """
   graphdef, state = nnx.split(layer)
-  return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+  run = lambda state, *a: nnx.merge(graphdef, state)(*a, None, 0)[0]
+  return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x, cos, sin, segments_bs), None
 
 
 class Decoder(nnx.Module):
@@ -180,7 +181,7 @@ class Decoder(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def hidden_states(self, tokens_bt, positions_bt, mask_bts, cache: KVCache | None = None, cache_index=0):
+  def hidden_states(self, tokens_bt, positions_bt, segments_bs, cache: KVCache | None = None, cache_index=0):
     """Final-norm hidden states (b, t, embed) and the updated cache."""
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -188,28 +189,24 @@ class Decoder(nnx.Module):
     new_cache = []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      if self.cfg.remat:
-        x, layer_cache = _rematerialized(layer, x, cos, sin, mask_bts, layer_cache, cache_index)
+      if self.cfg.remat != "none" and cache is None:  # the sampler (with a cache) takes no gradient
+        x, layer_cache = _rematerialized(layer, self.cfg.remat, x, cos, sin, segments_bs)
       else:
-        x, layer_cache = layer(x, cos, sin, mask_bts, layer_cache, cache_index)
+        x, layer_cache = layer(x, cos, sin, segments_bs, layer_cache, cache_index)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)
 
+  def unembedding(self) -> jax.Array:
+    """The (embed, vocab) matrix that maps final hidden states to logits."""
+    return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
   def logits(self, hidden_bte):
-    w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    logits = _matmul_2d(hidden_bte, w).astype(jnp.float32)
+    logits = _matmul_2d(hidden_bte, self.unembedding()).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "length", "vocab"))
 
-  def __call__(self, tokens_bt, positions_bt, mask_bts, cache: KVCache | None = None, cache_index=0):
-    hidden, cache = self.hidden_states(tokens_bt, positions_bt, mask_bts, cache, cache_index)
+  def __call__(self, tokens_bt, positions_bt, segments_bs, cache: KVCache | None = None, cache_index=0):
+    hidden, cache = self.hidden_states(tokens_bt, positions_bt, segments_bs, cache, cache_index)
     return self.logits(hidden), cache
-
-
-def causal_mask(valid_bt: jax.Array) -> jax.Array:
-  """(b, t, t) mask for a full (left-padded) sequence: causal, and never attending to padding."""
-  t = valid_bt.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return causal[None] & valid_bt[:, None, :]
 
 
 def positions_from_mask(valid_bt: jax.Array) -> jax.Array:
@@ -219,7 +216,7 @@ def positions_from_mask(valid_bt: jax.Array) -> jax.Array:
 
 def forward(model: Decoder, tokens_bt, valid_bt) -> jax.Array:
   """Teacher-forced logits (b, t, vocab) for a left- or right-padded batch without a cache."""
-  return model(tokens_bt, positions_from_mask(valid_bt), causal_mask(valid_bt))[0]
+  return model(tokens_bt, positions_from_mask(valid_bt), valid_bt)[0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from p2o_jax.models.decoder import Decoder, causal_mask, positions_from_mask
+from p2o_jax.models.decoder import Decoder, positions_from_mask
 
 
 def response_logits(model: Decoder, tokens_bt, valid_bt, response_len: int):
   """Logits (b, R, vocab) that predict each response token."""
   prompt_len = tokens_bt.shape[1] - response_len
-  hidden, _ = model.hidden_states(tokens_bt, positions_from_mask(valid_bt), causal_mask(valid_bt))
+  hidden, _ = model.hidden_states(tokens_bt, positions_from_mask(valid_bt), valid_bt)
   return model.logits(hidden[:, prompt_len - 1:-1])
 
 
