@@ -74,11 +74,17 @@ def build_policy(c: ml_collections.ConfigDict, checkpoint: str | os.PathLike, me
                  model: Decoder | None = None) -> Policy:
   """The policy of HF directory `checkpoint` (its weights, unless `model` brings others, and its tokenizer) on `mesh`,
   sampling prompts of up to rollout.max_prompt_len tokens; its reference (the same weights, frozen) samples Self-Ref
-  reflections of up to p2o.reflection_max_prompt_len."""
+  reflections of up to p2o.reflection_max_prompt_len; every sampler call keeps its KV cache within
+  rollout.kv_cache_gib per device."""
   if model is None:
     model = load_hf_model(checkpoint, mesh=mesh, **model_overrides(c, mesh))
   return Policy(model, load_tokenizer(checkpoint), mesh=mesh, max_prompt_len=c.rollout.max_prompt_len,
-                reference_max_prompt_len=c.p2o.reflection_max_prompt_len)
+                reference_max_prompt_len=c.p2o.reflection_max_prompt_len, cache_budget_bytes=cache_budget_bytes(c))
+
+
+def cache_budget_bytes(c: ml_collections.ConfigDict) -> int:
+  """rollout.kv_cache_gib in bytes: the KV cache one sampler call may take per device (0: no budget)."""
+  return int(c.rollout.kv_cache_gib * 2**30)
 
 
 def model_overrides(c: ml_collections.ConfigDict, mesh) -> dict[str, str]:
@@ -122,12 +128,15 @@ def logprob_temperature(c: ml_collections.ConfigDict) -> float:
   return c.rollout.temperature or 1.0
 
 
-def build_train_step(c: ml_collections.ConfigDict, graphdef, optimizer: optax.GradientTransformation):
-  return make_train_step(graphdef, optimizer, StepConfig(build_loss_config(c), logprob_temperature(c)))
+def build_train_step(c: ml_collections.ConfigDict, graphdef, optimizer: optax.GradientTransformation, mesh):
+  """The jitted train step, run under `mesh`."""
+  step = make_train_step(graphdef, optimizer, StepConfig(build_loss_config(c), logprob_temperature(c)))
+  return sharding.UnderMesh(step, mesh)
 
 
-def build_logprob_fn(c: ml_collections.ConfigDict, graphdef):
-  return make_logprob_fn(graphdef, logprob_temperature(c))
+def build_logprob_fn(c: ml_collections.ConfigDict, graphdef, mesh):
+  """The jitted log-prob pass, run under `mesh`."""
+  return sharding.UnderMesh(make_logprob_fn(graphdef, logprob_temperature(c)), mesh)
 
 
 def build_batch_layout(mesh) -> BatchLayout:

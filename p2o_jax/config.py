@@ -78,7 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
       # The user turn; "{question}" is replaced by the problem. The paper's format:
       prompt_format="Let's think step by step and output the final answer within \\boxed{{}}.\nQuestion: {question}",
       builtin_train_size=4096, builtin_hard_fraction=0.5)
-  c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6)
+  # kv_cache_gib: the KV cache one sampler call may take per device; calls with more rows (rollouts, evaluation, GEPA
+  # scoring) run in chunks of rows that fit. 0: no budget, every call in one chunk. The dry run checks it fits.
+  c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6,
+                   kv_cache_gib=0.0)
   c.reward = dict(fallback="none", num_workers=2, timeout_s=5.0)
   c.grpo = dict(
       advantage="grpo",  # "grpo" (std-normalized) or "dr_grpo"
@@ -166,7 +169,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _positive(c, "rollout.max_prompt_len", "rollout.max_new_tokens", "rollout.num_samples", "reward.num_workers",
             "reward.timeout_s", "grpo.ppo_epochs", "grpo.num_minibatches", "grpo.micro_batch_size", "train.batch_size",
             "train.epochs", "optim.lr")
-  _positive(c, "rollout.temperature", "rollout.top_k", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
+  _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
             allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
   _one_of(c, "reward.fallback")

@@ -130,15 +130,14 @@ class AbstractSteps:
     graphdef, params = builders.abstract_params(model_cfg, mesh)
     optimizer = builders.build_optimizer(c, planned_train_steps(c))
     layout = builders.build_batch_layout(mesh)
-    return cls(train_step=builders.build_train_step(c, graphdef, optimizer),
-               logprobs=builders.build_logprob_fn(c, graphdef), params=params,
+    return cls(train_step=builders.build_train_step(c, graphdef, optimizer, mesh),
+               logprobs=builders.build_logprob_fn(c, graphdef, mesh), params=params,
                opt_state=_abstract_opt_state(optimizer, params, mesh),
                minibatch=layout.abstract(batch_shapes(c, train_step=True), num_leading=1),
                whole=layout.abstract(batch_shapes(c, train_step=False), num_leading=1))
 
   def lower(self) -> tuple[Any, Any]:
-    """(lowered train step, lowered log-prob fn). As in the trainer: no ambient mesh, so shardings flow from the
-    arguments alone."""
+    """(lowered train step, lowered log-prob fn), under the mesh as in the trainer."""
     return (self.train_step.lower(self.params, self.opt_state, self.minibatch),
             self.logprobs.lower(self.params, self.whole))
 

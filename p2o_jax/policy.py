@@ -35,11 +35,12 @@ class Policy:
   params (the KL reference and the Self-Ref reflector), whose prompts may be up to `reference_max_prompt_len` long."""
 
   def __init__(self, model: Decoder, tokenizer, *, mesh: jax.sharding.Mesh | None, max_prompt_len: int,
-               reference_max_prompt_len: int | None = None):
+               reference_max_prompt_len: int | None = None, cache_budget_bytes: int = 0):
     self.tokenizer, self.mesh = tokenizer, mesh
     self.graphdef, self.params = nnx.split(model)
+    self.cache_budget_bytes = cache_budget_bytes  # per device, for every sampler call (0: no budget)
     self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                           max_prompt_len=max_prompt_len, mesh=mesh)
+                           max_prompt_len=max_prompt_len, mesh=mesh, cache_budget_bytes=cache_budget_bytes)
     self.ref_params: nnx.State | None = None  # see freeze_reference
     self.reference_max_prompt_len = reference_max_prompt_len or max_prompt_len
     self._reference_sampler: Sampler | None = None
@@ -92,5 +93,5 @@ class Policy:
     if self._reference_sampler is None:
       self._reference_sampler = Sampler(nnx.merge(self.graphdef, self.ref_params), eos_ids=self.sampler.eos_ids,
                                         pad_id=self.pad_id, max_prompt_len=self.reference_max_prompt_len,
-                                        mesh=self.mesh)
+                                        mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes)
     return self._reference_sampler

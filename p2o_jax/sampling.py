@@ -1,7 +1,10 @@
 """Batched autoregressive sampling: one jitted prefill, then one jitted `lax.while_loop` decode over a KV cache.
 
 Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a run compiles one prefill and
-one decode program per (prompt bucket, batch bucket, sampling mode), not one per call. Params are passed as arguments
+one decode program per (prompt bucket, batch bucket, sampling mode), not one per call. A call with more rows than fit
+the KV-cache budget (`cache_budget_bytes` per device) runs in chunks of rows, each padded at most to the chunk size.
+The sampler reads its own copy of the weights (`sampling_params`): in the compute dtype, whole on every data/fsdp
+device, so no decode step gathers full-precision shards. Params are passed as arguments
 (NNX graphdef/state split), so the trainer can swap in new weights without recompiling; the decode state is donated.
 Each sampled token comes with its log-probability under the distribution it was drawn from: log_softmax(logits / T)
 restricted to the top-k / top-p set (for greedy decoding: log_softmax(logits)).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -138,6 +142,52 @@ class _Mode:
   pad_id: int
 
 
+def sampling_params(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype) -> nnx.State:
+  """The weights as the sampler reads them: floating params in `dtype` with `SAMPLING_RULES` shardings. `state`
+  itself when that changes nothing (f32 compute on a mesh without fsdp), so no second copy is kept."""
+  variables = jax.tree.leaves(state, is_leaf=_is_variable)
+  same_dtype = all(v.dtype == dtype or not jnp.issubdtype(v.dtype, jnp.floating) for v in variables)
+  if mesh is None:
+    return state if same_dtype else jax.tree.map(functools.partial(_cast_floating, dtype=dtype), state)
+  targets = sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES)
+  same_layout = all(v.get_value().sharding.is_equivalent_to(t, v.ndim)
+                    for v, t in zip(variables, jax.tree.leaves(targets)))
+  if same_dtype and same_layout:
+    return state
+  return jax.jit(functools.partial(_cast_floating_tree, dtype=dtype), out_shardings=targets)(state)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _cast_floating(x, dtype):
+  return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _cast_floating_tree(state, dtype):
+  return jax.tree.map(functools.partial(_cast_floating, dtype=dtype), state)
+
+
+def kv_cache_bytes_per_row(cfg, length: int, mesh: jax.sharding.Mesh | None) -> int:
+  """KV-cache bytes one row of `length` slots takes on one device (kv heads split over "tensor" where they divide)."""
+  tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
+  kv_heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
+  return 2 * cfg.num_layers * kv_heads * length * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+
+
+def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mesh | None) -> int | None:
+  """Rows per sampler call whose KV cache fits `cache_budget_bytes` per device (None: no budget, one call)."""
+  if not cache_budget_bytes:
+    return None
+  per_row = kv_cache_bytes_per_row(cfg, length, mesh)
+  rows_per_device = cache_budget_bytes // per_row
+  if rows_per_device < 1:
+    raise ValueError(f"rollout.kv_cache_gib: one row of {length} tokens needs {per_row / 2**30:.2f} GiB of KV cache "
+                     f"per device, more than the budget of {cache_budget_bytes / 2**30:.2f} GiB")
+  return rows_per_device * sharding.batch_divisor(mesh)
+
+
 def _is_eos(tokens_b, eos_ids):
   return jnp.isin(tokens_b, jnp.asarray(eos_ids, jnp.int32))
 
@@ -195,25 +245,30 @@ class Sampler:
   """Samples continuations of token-id prompts from a Decoder, optionally sharded over a mesh."""
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
-               prompt_buckets: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None):
+               prompt_buckets: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None,
+               cache_budget_bytes: int = 0):
     if not eos_ids:
       raise ValueError("the sampler needs at least one EOS token id")
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    self.cfg = model.cfg
+    self.cache_budget_bytes = cache_budget_bytes  # per device; 0: every call in one chunk
+    self.mesh = mesh
+    self.set_params(state)
     self.eos_ids = tuple(int(e) for e in eos_ids)
     self.pad_id = int(pad_id)
     self.max_prompt_len = max_prompt_len
     self.prompt_buckets = tuple(sorted(prompt_buckets or default_buckets(max_prompt_len)))
     if self.prompt_buckets[-1] < max_prompt_len:
       raise ValueError(f"the largest prompt bucket {self.prompt_buckets[-1]} is below max_prompt_len={max_prompt_len}")
-    self.mesh = mesh
 
   def set_params(self, state: nnx.State) -> None:
     """Sample from new weights (same architecture and shardings): no recompilation."""
-    self.state = state
+    self.state = sampling_params(state, self.mesh, self.cfg.dtype)
 
-  def _batch_size(self, rows: int) -> int:
+  def _batch_size(self, rows: int, chunk: int) -> int:
+    """Rows of one call: `rows` rounded up to a power of two, at most `chunk`, a multiple of the batch divisor."""
     divisor = sharding.batch_divisor(self.mesh)
-    size = max(divisor, 1 << max(rows - 1, 0).bit_length())
+    size = min(max(divisor, 1 << max(rows - 1, 0).bit_length()), chunk)
     return -(-size // divisor) * divisor
 
   def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -223,9 +278,10 @@ class Sampler:
       if len(prompt) > self.max_prompt_len:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len}")
 
-  def _shapes(self, rows: Sequence[Sequence[int]], process_local: bool) -> tuple[int, int, int]:
-    """(prompt bucket, global batch, this process's batch). Process-local rows are padded to the longest prompt and
-    largest row count over all processes, so every process calls the jitted programs with the same global shapes."""
+  def _call_shape(self, rows: Sequence[Sequence[int]], process_local: bool) -> tuple[int, int, int]:
+    """(prompt bucket, the most rows any process passes, processes). Process-local rows are padded to the longest
+    prompt and largest row count over all processes, so every process calls the jitted programs with the same global
+    shapes and the same number of chunks."""
     longest, count = max(map(len, rows), default=0), len(rows)
     processes = jax.process_count() if process_local else 1
     if processes > 1:
@@ -235,8 +291,7 @@ class Sampler:
       longest, count = (int(v) for v in distributed.allgather(np.asarray([longest, count], np.int32)).max(axis=0))
     if not count:
       raise ValueError("generate() needs at least one prompt")
-    batch = self._batch_size(count * processes)
-    return round_up_to_bucket(longest, self.prompt_buckets), batch, batch // processes
+    return round_up_to_bucket(longest, self.prompt_buckets), count, processes
 
   def _pad_prompts(self, rows: Sequence[Sequence[int]], length: int, batch: int):
     tokens = np.full((batch, length), self.pad_id, np.int32)
@@ -257,7 +312,8 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
                seed: int | jax.Array = 0, process_local: bool = False) -> SampleOutput:
-    """Sample `n` continuations of every prompt in one batched device call.
+    """Sample `n` continuations of every prompt: one batched device call per chunk of rows (one call when the KV
+    cache of all rows fits the budget).
 
     By default every process passes the same prompts and gets every row back (evaluation, GEPA: lockstep). With
     `process_local=True` each process passes only its own prompts (possibly none), the processes' rows form one global
@@ -265,10 +321,24 @@ class Sampler:
     """
     self._check_prompts(prompts)
     rows = [p for p in prompts for _ in range(n)]
-    length, global_batch, local_batch = self._shapes(rows, process_local)
+    length, count, processes = self._call_shape(rows, process_local)
+    chunk = chunk_rows(self.cache_budget_bytes, self.cfg, length + cfg.max_new_tokens, self.mesh)
+    chunk = chunk or self._batch_size(count * processes, chunk=sys.maxsize)  # no budget: one call
+    local_chunk = max(chunk // processes, 1)
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    parts = []
+    for i, start in enumerate(range(0, count, local_chunk)):  # the same chunks on every process
+      batch = self._batch_size(min(local_chunk, count - start) * processes, chunk)
+      chunk_key = key if i == 0 else jax.random.fold_in(key, i)
+      parts.append(self._generate_chunk(rows[start:start + local_chunk], length, batch, processes, cfg, chunk_key))
+    return _finish(np.concatenate([t for t, _ in parts]), np.concatenate([l for _, l in parts]), self.eos_ids)
+
+  def _generate_chunk(self, rows: Sequence[Sequence[int]], length: int, global_batch: int, processes: int,
+                      cfg: SamplingConfig, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, log-probs) of this process's `rows` in one prefill + decode over a global batch of `global_batch`."""
+    local_batch = global_batch // processes
     tokens, valid, live = self._pad_prompts(rows, length, local_batch)
     mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
-    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     temperature = jnp.float32(cfg.temperature if not cfg.greedy else 1.0)
     top_p = jnp.float32(cfg.top_p)
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
@@ -277,7 +347,7 @@ class Sampler:
                        mode=mode)
       carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
     fetch = distributed.local_part if local_batch < global_batch else distributed.to_host
-    return _finish(fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)], self.eos_ids)
+    return fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)]
 
 
 def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...]) -> SampleOutput:

@@ -7,6 +7,7 @@ dimension, so every model runs on every mesh, replicated where it cannot split. 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "cache_length": (),
     "act_embed": (),
 }
+# The sampler's copy of the weights: split over "tensor" only, whole on every data/fsdp device, so a decode step
+# never all-gathers them (p2o_jax/sampling.py: sampling_params).
+SAMPLING_RULES = {**LOGICAL_RULES, "embed": ()}
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -51,15 +55,16 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh,
+                    rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose dims are named `logical_axes`, valid on `mesh`."""
   used: set[str] = set()
   spec = []
   for name, dim in zip(logical_axes, shape, strict=True):
-    if name is not None and name not in LOGICAL_RULES:
-      raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(LOGICAL_RULES)}")
+    if name is not None and name not in rules:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
     chosen = []
-    for axis in LOGICAL_RULES.get(name, ()) if name else ():
+    for axis in rules.get(name, ()) if name else ():
       size = mesh.shape.get(axis, 1)
       if axis in used or size == 1 or dim % (size * math.prod(mesh.shape[a] for a in chosen)):
         continue
@@ -69,12 +74,12 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
   return PartitionSpec(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> nnx.State:
   """NamedSharding for every Variable in `state` (abstract or concrete), from its `logical_axes` metadata."""
 
   def one(variable):
     axes = getattr(variable, "logical_axes", None) or (None,) * len(variable.shape)
-    return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -105,6 +110,26 @@ def batch_divisor(mesh: Mesh | None) -> int:
   if mesh is None:
     return 1
   return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+class UnderMesh:
+  """A jitted function that is called and lowered under `mesh` (`jax.set_mesh`), so the `constrain` calls inside it
+  are real. Without an ambient mesh XLA chooses the activations' layout from the arguments alone: for Qwen3-4B's
+  log-prob pass on fsdp=4 that was an all-reduce of f32 [98304, 151936] logits (55.6 GiB)."""
+
+  def __init__(self, jitted, mesh: Mesh | None):
+    self.jitted, self.mesh = jitted, mesh
+
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def __call__(self, *args, **kwargs):
+    with self._mesh_context():
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with self._mesh_context():
+      return self.jitted.lower(*args, **kwargs)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

@@ -113,6 +113,17 @@ def test_sharded_greedy_sampling_equals_single_device(eight_devices):
   assert eight_devices["greedy_logprobs_max_diff"] <= 1e-5
 
 
+def test_the_sampler_reads_weights_whole_on_every_data_and_fsdp_device(eight_devices):
+  """No decode step all-gathers fsdp shards: the sampler's copy is split over "tensor" only."""
+  assert eight_devices["sampler_embed_spec"] == ["tensor", None]
+  assert eight_devices["sampler_q_proj_spec"] == [None, "tensor", None]
+
+
+def test_a_kv_cache_budget_splits_a_call_into_chunks_with_the_same_greedy_tokens(eight_devices):
+  assert eight_devices["chunk_batches"] == [4, 4]
+  assert eight_devices["chunked_tokens_equal"]
+
+
 def _spec_entries(spec: P, ndim: int) -> list:
   entries = list(spec) + [None] * (ndim - len(spec))
   return [list(e) if isinstance(e, tuple) else e for e in entries]
@@ -129,7 +140,7 @@ def _measure_on_eight_devices(checkpoint: str) -> dict:
   """Everything the tests judge, measured in this (8-device) process."""
   import hf_models
   from p2o_jax.models.hf_checkpoint import load_hf_model
-  from p2o_jax.sampling import Sampler, SamplingConfig
+  from p2o_jax.sampling import Sampler, SamplingConfig, kv_cache_bytes_per_row
 
   mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
   try:
@@ -152,14 +163,32 @@ def _measure_on_eight_devices(checkpoint: str) -> dict:
 
   config = SamplingConfig(max_new_tokens=8, temperature=0.0)
   expected = Sampler(single, eos_ids=[1], pad_id=0, max_prompt_len=16).generate(prompts, config)
-  got = Sampler(sharded, eos_ids=[1], pad_id=0, max_prompt_len=16, mesh=mesh).generate(prompts, config)
+  sampler = Sampler(sharded, eos_ids=[1], pad_id=0, max_prompt_len=16, mesh=mesh)
+  got = sampler.generate(prompts, config)
+  # A KV-cache budget of one row per device: the 8 rows run as two calls of 4 (data x fsdp = 4 devices).
+  one_row = kv_cache_bytes_per_row(sharded.cfg, 16 + config.max_new_tokens, mesh)
+  chunked = Sampler(sharded, eos_ids=[1], pad_id=0, max_prompt_len=16, mesh=mesh, cache_budget_bytes=one_row)
+  calls = []
+  chunked._generate_chunk = _recording(chunked._generate_chunk, calls)
+  got_chunked = chunked.generate(prompts, config)
   return dict(
+      sampler_embed_spec=_spec_entries(sampler.state["embed"].get_value().sharding.spec, 2),
+      sampler_q_proj_spec=_spec_entries(sampler.state["layers"][0]["attn"]["q_proj"].get_value().sharding.spec, 3),
+      chunk_batches=[c["global_batch"] for c in calls],
+      chunked_tokens_equal=bool((got_chunked.tokens == expected.tokens).all()),
       device_count=jax.device_count(), mesh_shape=dict(mesh.shape), mesh_that_does_not_fit=misfit,
       layout={name: _layout(p[...]) for name, p in params.items()},
       logits_spec=_spec_entries(sharded_logits.sharding.spec, 3),
       logits_max_diff=float(np.abs(np.asarray(sharded_logits) - logits)[valid].max()),
       greedy_tokens_equal=bool((got.tokens == expected.tokens).all() and (got.lengths == expected.lengths).all()),
       greedy_logprobs_max_diff=float(np.abs(got.logprobs - expected.logprobs).max()))
+
+
+def _recording(generate_chunk, calls: list):
+  def record(rows, length, global_batch, processes, cfg, key):
+    calls.append(dict(rows=len(rows), global_batch=global_batch))
+    return generate_chunk(rows, length, global_batch, processes, cfg, key)
+  return record
 
 
 if __name__ == "__main__":

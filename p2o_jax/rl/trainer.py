@@ -112,8 +112,8 @@ class Trainer:
     self.total_steps = c.train.max_steps or c.train.epochs * self.pipeline.steps_per_epoch
     self.optimizer = builders.build_optimizer(c, self.total_steps)
     self.opt_state = sharding.init_optimizer_state(self.optimizer, policy.params, policy.mesh)
-    self.train_step = builders.build_train_step(c, policy.graphdef, self.optimizer)
-    self.logprobs = builders.build_logprob_fn(c, policy.graphdef)
+    self.train_step = builders.build_train_step(c, policy.graphdef, self.optimizer, policy.mesh)
+    self.logprobs = builders.build_logprob_fn(c, policy.graphdef, policy.mesh)
     # The initial policy, frozen: the KL reference and P^2O's Self-Ref reflector. A resumed run rebuilds it from the
     # same checkpoint directory, so it is never saved.
     if c.grpo.kl_coef > 0 or self.hooks.needs_reference_params:
