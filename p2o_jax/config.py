@@ -215,8 +215,12 @@ def _batch_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
   return (rest if sizes["data"] == -1 else sizes["data"]) * (rest if sizes["fsdp"] == -1 else sizes["fsdp"])
 
 
-def validate_distributed(c: ml_collections.ConfigDict) -> None:
-  """The `distributed` section alone: checkable before JAX starts (the CLI runs it before jax.distributed)."""
+def validate_distributed(c: ml_collections.ConfigDict, process_count: int = 0) -> None:
+  """The `distributed` section alone: checkable before JAX starts (the CLI runs it before jax.distributed).
+
+  `process_count`: the number of processes once JAX runs (0: not known yet), for a run whose config leaves it to JAX
+  (a TPU VM slice, SLURM); the run checks again with it at its start.
+  """
   d = c.distributed
   _one_of(c, "distributed.initialize")
   _one_of(c, "distributed.cpu_collectives")
@@ -230,6 +234,12 @@ def validate_distributed(c: ml_collections.ConfigDict) -> None:
              f"{c.train.batch_size} is not divisible by distributed.num_processes={d.num_processes}")
   _require(d.process_id == -1 or 0 <= d.process_id < d.num_processes, "distributed.process_id",
            f"{d.process_id} must be -1 (auto) or in [0, num_processes={d.num_processes})")
+  processes = process_count or d.num_processes
+  # Orbax writes one checkpoint from all hosts together, and a resume reads it on all: a host-local directory holds
+  # only each host's part.
+  _require(processes <= 1 or bool(c.train.checkpoint_dir), "train.checkpoint_dir",
+           f"a multi-host run ({processes} processes) needs a directory every host shares (gs://bucket/path or a "
+           "shared mount); it is empty, so each host would write its own <workdir>/checkpoints")
 
 
 def _validate_p2o(c: ml_collections.ConfigDict) -> None:

@@ -4,8 +4,12 @@ Every process runs the same program on its own share of each batch (DESIGN.md): 
 process-local rows with `jax.make_array_from_process_local_data`, whose layout puts process p's rows in the p-th
 contiguous block of the batch axes (`check_batch_layout`); results come back as this process's block (`local_part`) or
 whole (`to_host`); small host values are gathered (`allgather`, `concat_rows`, `allgather_json`) or taken from process
-0 (`broadcast_json`). Those five (`to_host` when the array is split across processes) are collectives when several
-processes run: all processes must call them, in the same order. With one process each is a cheap local no-op.
+0 (`broadcast_json`, `broadcast`). Those six (`to_host` when the array is split across processes) are collectives when
+several processes run: all processes must call them, in the same order. With one process each is a cheap local no-op.
+
+Rewards that decide something every process must agree on are scored once: `scored_on_process_zero` gives a lockstep
+call (the same responses on every process) process 0's rewards everywhere, as the verifier's per-item timeout makes
+them wall-clock dependent.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +29,7 @@ from jax.experimental import multihost_utils
 from p2o_jax import sharding
 
 log = logging.getLogger(__name__)
+ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 INITIALIZE_MODES = ("auto", "always", "never")
 CPU_COLLECTIVES = ("gloo", "mpi", "none")
 
@@ -195,3 +200,34 @@ def broadcast_json(value: Any) -> Any:
   buffer = np.zeros(size, np.uint8)
   buffer[:payload.size] = payload
   return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
+def broadcast(x: np.ndarray) -> np.ndarray:
+  """`x` as process 0 has it, on every process; every process passes the same shape and a <= 32-bit dtype (what it
+  passes besides process 0 is ignored)."""
+  x = np.asarray(x)
+  if x.dtype.itemsize > 4:
+    raise ValueError(f"broadcast of {x.dtype} would be truncated to 32 bits; cast it first")
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def scored_on_process_zero(score: ScoreFn) -> ScoreFn:
+  """`score` for lockstep calls (every process passes the same responses and answers): process 0 scores, and every
+  process gets its float32 rewards; with one process, `score` itself.
+
+  Why: a reward that times out is 0, so two processes scoring the same response may disagree, then decide differently
+  (GEPA's accepts, its best candidate) and run different collectives afterwards: a hang. Scored once, they cannot.
+  Not for process-local calls (training rollouts): there each process's rows are its own, scored by it alone.
+  """
+  if jax.process_count() == 1:
+    return score
+
+  def on_process_zero(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    rewards = np.zeros(len(responses), np.float32)
+    if jax.process_index() == 0:
+      rewards = np.asarray(score(responses, answers), np.float32)
+    return broadcast(rewards) if len(responses) else rewards
+
+  return on_process_zero

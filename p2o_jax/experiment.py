@@ -15,7 +15,7 @@ import ml_collections
 
 from p2o_jax import builders, report, sharding
 from p2o_jax.builders import build_builtin_base, policy_checkpoint
-from p2o_jax.config import builtin_world, validate
+from p2o_jax.config import builtin_world, validate, validate_distributed
 from p2o_jax.data.char_tokenizer import build_char_tokenizer
 from p2o_jax.data.records import Query, builtin_queries, read_queries
 from p2o_jax.evaluation import EvalProtocol, builtin_sets, evaluate_set, parse_eval_sets
@@ -82,6 +82,7 @@ def evaluate_search_bests(checkpoint: pathlib.Path, c: ml_collections.ConfigDict
 def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None, *,
                  rebuild_base: bool = False) -> dict[str, Any]:
   validate(c, jax.device_count())
+  validate_distributed(c, jax.process_count())  # a count JAX detected itself (TPU slice, SLURM) is only known now
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
   train, eval_sets = load_data(c)
   with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from p2o_jax.config import CHOICES, ConfigError, base_config, load_config_file, validate
+from p2o_jax.config import CHOICES, ConfigError, base_config, load_config_file, validate, validate_distributed
 from p2o_jax.evaluation import parse_eval_sets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -90,6 +90,35 @@ def test_workdir_must_be_local_with_checkpoints_on_gcs_instead():
     validate(c)
   c.workdir, c.train.checkpoint_dir = "runs/x", "gs://bucket/run/checkpoints"
   validate(c)
+
+
+def test_a_multi_host_run_refuses_checkpoints_on_each_hosts_own_disk():
+  c = base_config()
+  c.data.train_path = "train.jsonl"
+  c.distributed.coordinator_address, c.distributed.num_processes = "10.0.0.2:1234", 2
+  with pytest.raises(ConfigError) as error:
+    validate(c)
+  assert str(error.value) == ("config.train.checkpoint_dir: a multi-host run (2 processes) needs a directory every "
+                              "host shares (gs://bucket/path or a shared mount); it is empty, so each host would write "
+                              "its own <workdir>/checkpoints")
+  c.train.checkpoint_dir = "gs://bucket/run/checkpoints"
+  validate(c)
+
+
+def test_a_process_count_that_jax_detects_is_checked_at_run_start(monkeypatch, tmp_path):
+  from p2o_jax import experiment  # pylint: disable=import-outside-toplevel
+  c = base_config()  # num_processes 0: JAX finds the hosts itself (a TPU slice), so the config alone cannot tell
+  c.workdir, c.data.train_path = str(tmp_path / "run"), str(tmp_path / "train.jsonl")
+  validate_distributed(c)
+  validate_distributed(c, process_count=1)
+  with pytest.raises(ConfigError, match=r"^config\.train\.checkpoint_dir: a multi-host run \(4 processes\)"):
+    validate_distributed(c, process_count=4)
+  monkeypatch.setattr(experiment.jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"^config\.train\.checkpoint_dir: a multi-host run \(2 processes\)"):
+    experiment.run_training(c)  # before it reads data (there is none) or starts the verifier
+  assert not (tmp_path / "run").exists()
+  c.train.checkpoint_dir = str(tmp_path / "shared")
+  validate_distributed(c, process_count=4)
 
 
 def test_batch_must_split_over_the_data_axes():

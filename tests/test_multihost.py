@@ -3,7 +3,8 @@ one process with 4 devices, on the same global batch and seed.
 
 Each run is tests/multihost_worker.py in subprocesses (XLA_FLAGS must be set before JAX starts). The GRPO comparison
 goes through the real experiment path (VerifierPool on single-digit answers, orbax checkpoints, lockstep evaluation, HF
-export by process 0); the P^2O run checks that both processes end with the same hard set and template assignment.
+export by process 0); the P^2O run checks that both processes end with the same hard set and template assignment, and
+the same GEPA searches although process 1's verifier scores every response 0 (as if each item timed out).
 """
 
 import json
@@ -44,7 +45,7 @@ class Run:
   """The worker processes of one run, started at once; `results()` waits for them (killing all on a timeout)."""
 
   def __init__(self, tmp_path, name: str, mode: str, num_processes: int, devices_per_process: int, policy_dir,
-               data_dir):
+               data_dir, **options):
     self.tmp_path, self.name, self.workdir = tmp_path, name, tmp_path / name
     # This file's CPU time is mostly XLA compiles: all runs share a persistent compilation cache (the P^2O run reuses
     # the GRPO run's programs: same shapes, same topology), and LLVM optimizes less (the same flags for every run).
@@ -57,7 +58,7 @@ class Run:
     for pid in range(num_processes):
       spec = {"mode": mode, "policy_dir": str(policy_dir), "data_dir": str(data_dir), "workdir": str(self.workdir),
               "out": str(self._path(pid, "json")), "num_processes": num_processes, "process_id": pid,
-              "coordinator": coordinator}
+              "coordinator": coordinator, **options}
       with open(self._path(pid, "log"), "w", encoding="utf-8") as log:
         self.procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=tmp_path,
                                            stdout=log, stderr=subprocess.STDOUT))
@@ -110,12 +111,14 @@ def scaled_policy_dir(policy_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, policy_dir, scaled_policy_dir, data_dir):
-  """The same GRPO run on two processes x 2 devices and on one process x 4 devices, and a two-process P^2O run."""
+  """The same GRPO run on two processes x 2 devices and on one process x 4 devices, and a two-process P^2O run whose
+  process 1 has a verifier that disagrees with process 0's."""
   tmp = tmp_path_factory.mktemp("runs")
   two = Run(tmp, "grpo_two", "grpo", 2, 2, policy_dir, data_dir)
   one = Run(tmp, "grpo_one", "grpo", 1, 4, policy_dir, data_dir)  # alongside: 2 cores, and a run waits in collectives
   two_results = two.results()
-  p2o = Run(tmp, "p2o_two", "p2o", 2, 2, scaled_policy_dir, data_dir)  # after grpo_two: reuses its compiled programs
+  # After grpo_two: reuses its compiled programs.
+  p2o = Run(tmp, "p2o_two", "p2o", 2, 2, scaled_policy_dir, data_dir, disagree=True)
   return {"two": two_results, "two_dir": two.workdir, "one": one.results(), "one_dir": one.workdir,
           "p2o": p2o.results()}
 
@@ -163,6 +166,7 @@ def test_evaluation_runs_in_lockstep_and_only_process_zero_writes(runs):
   (one,), (first, second) = runs["one"], runs["two"]
   for key in ("eval_at_start", "eval_at_end"):
     assert first["history"][key] == second["history"][key] == one["history"][key]
+  # Both processes' train.checkpoint_dir (tests/multihost_worker.py): one directory of complete checkpoints.
   assert sorted(p.name for p in (runs["two_dir"] / "checkpoints").iterdir()) == ["2", "3"]
   assert (runs["two_dir"] / "export" / "final" / "config.json").is_file()
   # Process 1 never opened the metrics file: every record appears once.
@@ -186,6 +190,26 @@ def test_p2o_processes_share_one_hard_set_and_one_template_assignment(runs):
   templated_rows = np.add(first["templated_rows"], second["templated_rows"])
   for epoch in range(1, EPOCHS):
     assert (templated_rows[2 * epoch:2 * epoch + 2].sum() > 0) == has_templates[epoch - 1], epoch
+
+
+def gepa_decisions(metrics):
+  """A phase's metrics without its timings and reflector counters (those count process 0's proposer calls only)."""
+  return [{k: v for k, v in m.items() if not any(s in k for s in ("seconds", "time_share", "/reflector/"))}
+          for m in metrics]
+
+
+def test_p2o_processes_share_gepa_scores_although_their_verifiers_disagree(runs):
+  first, second = runs["p2o"]
+  # Process 1's verifier scored all its own rollouts 0 (it ran: its rows are half of every step's batch); process 0's
+  # did not. Scored each on its own, GEPA's rollouts would get different rewards on the two processes.
+  assert len(second["local_rewards"]) == 2 * EPOCHS and not any(second["local_rewards"])
+  assert any(first["local_rewards"])
+  searches = first["searches"]
+  assert searches and second["searches"] == searches  # candidates, accepts, dev scores, minibatch pool, RNG: all
+  assert any(score > 0 for s in second["searches"] for row in s["scores_cd"] for score in row)  # process 0's scores
+  assert any(it["accepted"] for s in searches for it in s["history"]), "GEPA never accepted a child"
+  assert len(first["phase_metrics"]) == len(searches)
+  assert gepa_decisions(second["phase_metrics"]) == gepa_decisions(first["phase_metrics"])  # best_dev among them
 
 
 # ---- single-process pieces -----------------------------------------------------------------------------------------
@@ -215,6 +239,7 @@ def test_initialize_arguments(overrides, env, tpu_vm, expected):
     ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "distributed.process_id"),
     ({"process_id": 0}, "distributed.process_id"),
     ({"coordinator_address": "h:1", "num_processes": 3}, "train.batch_size"),  # 128 queries do not split in 3
+    ({"coordinator_address": "h:1", "num_processes": 2}, "train.checkpoint_dir"),  # each host its own checkpoints
     ({"coordinator_address": "h:1", "num_processes": 2, "initialize": "never"}, "distributed.initialize"),
     ({"cpu_collectives": "nccl"}, "distributed.cpu_collectives"),
     ({"num_processes": -1}, "distributed.num_processes"),
@@ -254,8 +279,12 @@ def test_host_helpers_with_one_process():
   np.testing.assert_array_equal(distributed.concat_rows(x), x)
   assert distributed.allgather_json({"a": [1]}) == [{"a": [1]}]
   assert distributed.broadcast_json(["b"]) == ["b"]
+  np.testing.assert_array_equal(distributed.broadcast(x), x)
+  assert distributed.scored_on_process_zero(len) is len  # one process: no wrapper, no collective
   with pytest.raises(ValueError, match="int64"):
     distributed.allgather(np.arange(3, dtype=np.int64))
+  with pytest.raises(ValueError, match="float64"):
+    distributed.broadcast(np.zeros(3))
   np.testing.assert_array_equal(distributed.local_part(jax.numpy.asarray(x), axis=1), x)
 
 

@@ -2,7 +2,9 @@
 verifier.
 
 Multi-process: GEPA runs in lockstep, so every process evaluates the same requests in one sampler call over all
-devices and gets every row back (the sampler's default, lockstep mode); their scores, and so the search, are identical.
+devices and gets every row back (the sampler's default, lockstep mode). Process 0 alone scores them and broadcasts the
+rewards (`distributed.scored_on_process_zero`): a verifier item that times out on one host but not on another would
+otherwise split the search (accepts, dev scores, the best template) and the collectives that follow it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from p2o_jax import distributed
 from p2o_jax.data.records import Query
 from p2o_jax.p2o.records import Rollout
 from p2o_jax.p2o.templates import feedback_text
@@ -25,7 +28,7 @@ class PolicyEvaluator:
   def __init__(self, policy: Policy, hard_set: Sequence[Query], prompt_format: str, max_new_tokens: int,
                score: Callable[[Sequence[str], Sequence[str]], np.ndarray]):
     self.policy, self.hard_set = policy, hard_set
-    self.prompt_format, self.score = prompt_format, score
+    self.prompt_format, self.score = prompt_format, distributed.scored_on_process_zero(score)
     self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     self.calls, self.seconds = 0, 0.0
 

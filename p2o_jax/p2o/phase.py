@@ -4,7 +4,8 @@ for the next epoch. It reads nothing but its `PhaseContext` and writes only the 
 
 Resumable: the search's state is saved after every iteration (`RunDir.gepa_progress`); a phase started again for the
 same epoch and hard set continues where it stopped. Multi-host: every process runs the phase in lockstep on the same
-hard set; process 0 writes the files, and what it read back or decided is broadcast.
+hard set, on rewards process 0 scored (p2o_jax/p2o/evaluator.py); process 0 writes the files, and what it read back or
+decided is broadcast.
 """
 
 from __future__ import annotations

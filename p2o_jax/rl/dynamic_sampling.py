@@ -1,5 +1,8 @@
 """DAPO's dynamic sampling: keep only query groups whose rewards vary (a flat group has zero advantage everywhere),
-refilling the batch from further draws up to a limit; short of varied groups, flat ones pad the batch (A = 0)."""
+refilling the batch from further draws up to a limit; short of varied groups, flat ones pad the batch (A = 0).
+
+Multi-process: each process keeps or drops its own groups by the rewards it scored itself (no other process scores or
+trains on them), so those choices need not agree; only when to stop drawing is shared (a draw is a collective)."""
 
 from __future__ import annotations
 
