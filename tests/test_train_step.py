@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from p2o_jax.models.config import ModelConfig
-from p2o_jax.models.decoder import Decoder
+from p2o_jax.models.decoder import Decoder, positions_from_mask
+from p2o_jax.rl.logprobs import DEFAULT_CHUNK_SIZE
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 
@@ -40,7 +41,7 @@ def as_micro(rows, micro):
   return {k: v.reshape(ROWS // micro, micro, *v.shape[1:]) for k, v in rows.items()}
 
 
-def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7):
+def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7, chunk_size=DEFAULT_CHUNK_SIZE):
   graphdef, params = nnx.split(tiny_model())
   rows = dict(rows)
   rows["old_logp"] = np.asarray(make_logprob_fn(graphdef, temperature)(params, as_micro(rows, 2))).reshape(ROWS, -1)
@@ -49,7 +50,7 @@ def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7):
   rows["old_logp"] = rows["old_logp"].astype(np.float32)
   optimizer = optax.apply_if_finite(optax.sgd(1.0), 10)
   loss_cfg = PolicyLossConfig(aggregation=aggregation, max_response_len=RESPONSE)
-  step = make_train_step(graphdef, optimizer, StepConfig(loss_cfg, temperature))
+  step = make_train_step(graphdef, optimizer, StepConfig(loss_cfg, temperature, logprob_chunk_size=chunk_size))
   before = jax.tree.map(np.asarray, params)
   new_params, _, metrics = step(params, optimizer.init(params), as_micro(rows, micro))
   delta = jax.tree.map(lambda a, b: np.asarray(a) - b, new_params, before)
@@ -116,6 +117,41 @@ def test_logprobs_match_a_plain_forward_pass():
     n = int(rows["response_mask"][r].sum())
     want = [logp[start - 1 + j, seq[start + j]] for j in range(n)]
     np.testing.assert_allclose(got[r, :n], want, atol=1e-5)
+
+
+def test_entropy_metric_with_the_lm_head_in_chunks():
+  """LM head in chunks of 2 positions (R = 5: two full chunks and a padded one), at ratio 1: the loss is still
+  -sum(A*w)/tokens, and the entropy metric is the masked mean of -sum p log p from a plain full-vocab pass."""
+  rows = random_rows()
+  model = tiny_model()
+  logits = np.asarray(model(jnp.asarray(rows["tokens"]), positions_from_mask(jnp.asarray(rows["valid"])),
+                            jnp.asarray(rows["valid"]))[0])[:, PROMPT - 1:-1]  # before the step donates the params
+  logp_full = np.asarray(jax.nn.log_softmax(logits / 0.7, axis=-1))
+  entropy = -(np.exp(logp_full) * logp_full).sum(-1)
+  graphdef, params = nnx.split(model)
+  logprobs = make_logprob_fn(graphdef, 0.7, chunk_size=2)(params, as_micro(rows, 4))
+  rows["old_logp"] = np.asarray(logprobs).reshape(ROWS, -1)
+  optimizer = optax.apply_if_finite(optax.sgd(0.0), 10)
+  step = make_train_step(graphdef, optimizer, StepConfig(PolicyLossConfig(), 0.7, logprob_chunk_size=2))
+  _, _, metrics = step(params, optimizer.init(params), as_micro(rows, 4))
+  mask = rows["response_mask"]
+  np.testing.assert_allclose(float(metrics["loss"]),
+                             -np.sum(rows["advantages"][:, None] * rows["token_weights"] * mask) / mask.sum(), rtol=1e-5)
+  assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+  np.testing.assert_allclose(float(metrics["entropy"]), (entropy * mask).sum() / mask.sum(), rtol=1e-5)
+  want = np.take_along_axis(logp_full, rows["tokens"][:, PROMPT:, None], -1)[..., 0]
+  np.testing.assert_allclose(rows["old_logp"][mask], want[mask], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_head_chunks_change_nothing():
+  """The same update and metrics with the LM head in chunks of 2 positions as in one chunk."""
+  rows = random_rows()
+  full, full_metrics = one_sgd_step(rows, micro=4)
+  split, metrics = one_sgd_step(rows, micro=4, chunk_size=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), split, full)
+  for name in ("loss", "entropy", "ratio_mean", "clip_fraction", "grad_norm"):
+    np.testing.assert_allclose(metrics[name], full_metrics[name], rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow

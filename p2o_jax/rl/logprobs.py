@@ -1,27 +1,144 @@
-"""Per-token log-probabilities of responses under a policy, on packed (prompt + response) rows.
+"""Per-token log-probabilities (and entropies) of responses under a policy, on packed (prompt + response) rows.
 
-A row is the prompt left-padded to P tokens followed by the response right-padded to R tokens. The logits that predict
-response token j sit at position P - 1 + j, so only those R positions go through the LM head. Log-probs use
+A row is the prompt left-padded to P tokens followed by the response right-padded to R tokens. The hidden state that
+predicts response token j sits at position P - 1 + j, so only those R positions go through the LM head. Log-probs use
 logits / temperature, the same distribution the sampler drew from, so an untouched policy has ratio exactly 1.
+
+The LM head is applied `chunk_size` sequence positions at a time (`chunked_logprobs`): a full (rows, R, vocab) float32
+tensor is never built, neither in the forward pass nor in the backward pass. For Qwen3-4B (vocab 151,936) at
+R = 12,288 one such tensor is 7 GiB per row; one chunk of 1,024 positions is 0.58 GiB per row.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from p2o_jax import sharding
 from p2o_jax.models.decoder import Decoder, positions_from_mask
 
+# Sequence positions per LM-head chunk. Each live (rows, chunk, vocab) float32 buffer is 1,024 x 151,936 x 4 B =
+# 0.58 GiB per row for Qwen3-4B (the backward pass holds two or three: logits, softmax, their gradient), against
+# 7 GiB per buffer for the whole 12,288-token response: 12 chunks per row, each chunk's matmul still 1,024 x rows
+# rows long, plenty to keep a TPU's matrix units busy. Fewer positions per chunk trade memory for more, smaller steps.
+DEFAULT_CHUNK_SIZE = 1024
 
-def response_logits(model: Decoder, tokens_bt, valid_bt, response_len: int):
-  """Logits (b, R, vocab) that predict each response token."""
+
+def response_hidden(model: Decoder, tokens_bt, valid_bt, response_len: int):
+  """Final hidden states (b, R, embed) at positions P-1 .. P+R-2: the ones that predict the R response tokens."""
   prompt_len = tokens_bt.shape[1] - response_len
   hidden, _ = model.hidden_states(tokens_bt, positions_from_mask(valid_bt), valid_bt)
-  return model.logits(hidden[:, prompt_len - 1:-1])
+  return hidden[:, prompt_len - 1:-1]
 
 
-def token_logprobs(logits_brv, targets_br, temperature: float):
-  """(log-prob of each target under softmax(logits / T), the full log-softmax) in float32."""
-  logp_brv = jax.nn.log_softmax(logits_brv.astype(jnp.float32) / temperature, axis=-1)
-  return jnp.take_along_axis(logp_brv, targets_br[..., None], axis=-1)[..., 0], logp_brv
+def chunked_logprobs(hidden_bre, unembedding_ev, targets_br, temperature: float, *,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, entropy: bool = True):
+  """(log-prob of each target, entropy of each position's distribution), both (b, R) float32, under
+  softmax(hidden @ unembedding / temperature), computed `chunk_size` positions at a time.
 
+  The matmul runs in hidden's dtype (the unembedding is cast to it, as `Decoder.logits` does) and the logits are
+  cast to float32 before the log-sum-exp. Gradients flow to `hidden_bre` and `unembedding_ev` through the log-probs
+  (an analytic custom VJP that recomputes each chunk's logits: d logp / d logits = (onehot - softmax) / T); the
+  entropy is a metric and carries no gradient (stop_gradient). `entropy=False` skips it and returns None in its place.
+  R need not be a multiple of `chunk_size`.
+  """
+  b, r, e = hidden_bre.shape
+  if unembedding_ev.shape[0] != e or targets_br.shape != (b, r):
+    raise ValueError(f"shapes: hidden {hidden_bre.shape}, unembedding {unembedding_ev.shape}, targets "
+                     f"{targets_br.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  chunk = min(chunk_size, r)
+  n = -(-r // chunk)
+  pad = n * chunk - r
+  if pad:
+    hidden_bre = jnp.pad(hidden_bre, ((0, 0), (0, pad), (0, 0)))
+    targets_br = jnp.pad(targets_br, ((0, 0), (0, pad)))
+  # (n, b, chunk, ...): the scan runs over the leading axis.
+  hidden_nbce = hidden_bre.reshape(b, n, chunk, e).swapaxes(0, 1)
+  targets_nbc = targets_br.astype(jnp.int32).reshape(b, n, chunk).swapaxes(0, 1)
+  logp_nbc, entropy_nbc = _chunked(hidden_nbce, unembedding_ev, targets_nbc, float(temperature), entropy)
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :r]
+  return unchunk(logp_nbc), (None if entropy_nbc is None else jax.lax.stop_gradient(unchunk(entropy_nbc)))
+
+
+def _chunk_logits(hidden_bce, w_ev, temperature: float):
+  """float32 logits / T (b, c, V) of one chunk; w already in hidden's dtype. One 2-D matmul (see `_matmul_2d`)."""
+  b, c, e = hidden_bce.shape
+  logits = (hidden_bce.reshape(b * c, e) @ w_ev).astype(jnp.float32).reshape(b, c, -1)
+  return sharding.constrain(logits / temperature, ("batch", "length", "vocab"))
+
+
+def _like_unembedding(x_ev):
+  # The gradient accumulator sharded as the parameter (lm_head, or the tied embedding transposed), not replicated:
+  # left to itself XLA all-reduces each chunk's (embed, vocab) gradient over the fsdp axis.
+  return sharding.constrain(x_ev, ("embed", "vocab"))
+
+
+def _target_mask(targets_bc, vocab: int):
+  # A comparison against an iota, not a gather: with the vocab axis sharded it reduces shard-locally.
+  return jax.lax.broadcasted_iota(jnp.int32, (*targets_bc.shape, vocab), 2) == targets_bc[..., None]
+
+
+def _forward(hidden_nbce, w_ev, targets_nbc, temperature: float, with_entropy: bool):
+  """(logp, entropy or None, log-sum-exp), each (n, b, c) float32."""
+  w = w_ev.astype(hidden_nbce.dtype)
+
+  def body(_, chunk):
+    h, targets = chunk
+    z = _chunk_logits(h, w, temperature)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    u = z - m  # <= 0: exp never overflows
+    e_u = jnp.exp(u)
+    s = jnp.sum(e_u, axis=-1)
+    log_s = jnp.log(s)
+    logp = jnp.sum(jnp.where(_target_mask(targets, z.shape[-1]), u, 0.0), axis=-1) - log_s
+    lse = m[..., 0] + log_s
+    # -sum p log p with p = exp(u) / s and log p = u - log s; u carries no large offset, so no cancellation.
+    ent = log_s - jnp.sum(e_u * u, axis=-1) / s if with_entropy else None
+    return None, (logp, ent, lse)
+
+  _, (logp, ent, lse) = jax.lax.scan(body, None, (hidden_nbce, targets_nbc))
+  return logp, ent, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(hidden_nbce, w_ev, targets_nbc, temperature: float, with_entropy: bool):
+  logp, ent, _ = _forward(hidden_nbce, w_ev, targets_nbc, temperature, with_entropy)
+  return logp, ent
+
+
+def _chunked_fwd(hidden_nbce, w_ev, targets_nbc, temperature: float, with_entropy: bool):
+  logp, ent, lse = _forward(hidden_nbce, w_ev, targets_nbc, temperature, with_entropy)
+  return (logp, ent), (hidden_nbce, w_ev, targets_nbc, lse)  # residuals: no (.., vocab) array
+
+
+def _chunked_bwd(temperature: float, with_entropy: bool, residuals, cotangents):
+  """Per chunk: recompute the logits, d logp / d logits = (onehot - softmax) / T, then d hidden and d w by matmul.
+  The entropy's cotangent is ignored: the public function hands the entropy out through stop_gradient."""
+  del with_entropy
+  hidden_nbce, w_ev, targets_nbc, lse_nbc = residuals
+  g_logp_nbc = cotangents[0]
+  dt = hidden_nbce.dtype
+  w = w_ev.astype(dt)
+  acc_dtype = jnp.promote_types(w_ev.dtype, jnp.float32)
+  e = hidden_nbce.shape[-1]
+
+  def body(dw_ev, chunk):
+    h, targets, lse, g = chunk
+    z = _chunk_logits(h, w, temperature)
+    p = jnp.exp(z - lse[..., None])
+    dz = (g[..., None] * (_target_mask(targets, z.shape[-1]).astype(jnp.float32) - p)) / temperature
+    dz = dz.astype(dt).reshape(-1, z.shape[-1])  # the transpose of the float32 cast in `_chunk_logits`
+    dh = (dz @ w.T).reshape(h.shape)
+    dw_ev = dw_ev + jnp.matmul(h.reshape(-1, e).T, dz, preferred_element_type=acc_dtype)
+    return _like_unembedding(dw_ev), dh
+
+  dw_ev, dh_nbce = jax.lax.scan(body, _like_unembedding(jnp.zeros(w_ev.shape, acc_dtype)),
+                                (hidden_nbce, targets_nbc, lse_nbc, g_logp_nbc.astype(jnp.float32)))
+  return dh_nbce.astype(hidden_nbce.dtype), dw_ev.astype(w_ev.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

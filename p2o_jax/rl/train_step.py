@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from p2o_jax.rl.logprobs import response_logits, token_logprobs
+from p2o_jax.rl.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, response_hidden
 from p2o_jax.rl.losses import PolicyLossConfig, aggregate, policy_loss
 
 Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, old_logp, token_weights[, ref_logp]
@@ -26,16 +26,17 @@ Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, old_lo
 class StepConfig:
   loss: PolicyLossConfig
   temperature: float = 1.0  # the rollout temperature: log-probs are taken under logits / T
+  logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # response positions per LM-head chunk (p2o_jax.rl.logprobs)
 
 
 def _micro_loss(params, graphdef, micro: Batch, denominator, cfg: StepConfig):
   model = nnx.merge(graphdef, params)
   response_len = micro["response_mask"].shape[1]
-  logits = response_logits(model, micro["tokens"], micro["valid"], response_len)
-  logp, logp_full = token_logprobs(logits, micro["tokens"][:, -response_len:], cfg.temperature)
+  hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
+  logp, entropy = chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], cfg.temperature,
+                                   chunk_size=cfg.logprob_chunk_size)
   loss_sum, _, metrics = policy_loss(logp, micro["old_logp"], micro["advantages"], micro["response_mask"], cfg.loss,
                                      ref_logp_bt=micro.get("ref_logp"), token_weights_bt=micro["token_weights"])
-  entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
   metrics["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(micro["response_mask"], entropy, 0.0)))
   return loss_sum / denominator, metrics
 
@@ -85,16 +86,18 @@ def _step_metrics(sums, denominator, grads, opt_state) -> dict[str, jax.Array]:
   return metrics
 
 
-def make_logprob_fn(graphdef, temperature: float) -> Callable:
-  """`logprobs(params, batch) -> (micro_batches, micro_batch_size, R)` for old-policy or reference log-probs."""
+def make_logprob_fn(graphdef, temperature: float, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Callable:
+  """`logprobs(params, batch) -> (micro_batches, micro_batch_size, R)` for old-policy or reference log-probs, the LM
+  head applied `chunk_size` response positions at a time (no entropy: nothing here logs it)."""
 
   def logprobs(params, batch: Batch):
     model = nnx.merge(graphdef, params)
     response_len = batch["response_mask"].shape[-1]
 
     def one(micro):
-      logits = response_logits(model, micro["tokens"], micro["valid"], response_len)
-      return token_logprobs(logits, micro["tokens"][:, -response_len:], temperature)[0]
+      hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
+      return chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], temperature,
+                              chunk_size=chunk_size, entropy=False)[0]
 
     return jax.lax.map(one, {k: batch[k] for k in ("tokens", "valid", "response_mask")})
 
