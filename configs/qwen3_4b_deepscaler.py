@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.question_field, c.data.answer_field = "problem", "answer"
   c.eval.sets = "dev=/mnt/data/deepscaler_dev500.jsonl"
   c.eval.every_steps = 39  # about once per epoch (5K / 128)
-  c.rollout.max_prompt_len, c.rollout.max_new_tokens = 1024, 12288
+  c.rollout.max_prompt_len, c.rollout.max_new_tokens = 4096, 12288  # the authors' prompt limit
+  c.rollout.kv_cache_gib = 8.0  # per chip: rollouts run in chunks of rows whose cache fits (the dry run checks it)
   c.rollout.num_samples, c.rollout.temperature = 6, 0.6
   c.train.batch_size, c.train.epochs, c.train.checkpoint_every, c.train.export_dtype = 128, 10, 10, "bfloat16"
   c.grpo.num_minibatches, c.grpo.micro_batch_size = 2, 16

@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/default"
 
   # remat: what each layer recomputes in the backward pass ("none", "full": only layer inputs kept, "save_dots": the
-  # projections' outputs kept). attention: "auto" (splash on TPU, cuDNN on GPU, plain on CPU) or an implementation
+  # projections' outputs kept). attention: "auto" (splash on TPU, cuDNN on GPU, chunked on CPU) or an implementation
   # of p2o_jax/models/attention.py.
   c.model = dict(checkpoint="builtin", builtin_cache_dir=".cache/p2o_jax/builtin_policy", param_dtype="float32",
                  compute_dtype="float32", remat="none", attention="auto")

@@ -32,7 +32,9 @@ from p2o_jax import builders, sharding
 from p2o_jax.cli import define_common_flags, load_config, run_command
 from p2o_jax.config import ConfigError, validate
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
+from p2o_jax.memory_report import DoesNotFit, MemoryReport, bytes_per_device, measure
 from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS
+from p2o_jax.tpu_topology import Topology, TopologyError, parse_topology
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -58,6 +60,7 @@ class DryRunReport:
   batch_spec: tuple[Any, ...]  # how the token rows are split over the mesh
   replicated: tuple[str, ...]  # where a rule asked for a mesh axis that does not divide the dimension
   lowered: bool  # the train step and log-prob fn were lowered with these shardings
+  memory: MemoryReport | None = None  # every jitted function compiled, with its per-chip memory
 
   def summary(self) -> str:
     m = self.model
@@ -75,6 +78,8 @@ class DryRunReport:
         f"token rows split as {self.batch_spec}",
     ]
     lines += [f"note: {r}" for r in self.replicated]
+    if self.memory is not None:
+      lines.append(self.memory.table())
     return "\n".join(lines + ["OK" if self.lowered else "OK (layouts only: nothing lowered)"])
 
 
@@ -87,10 +92,13 @@ def _shapes_text(shapes: Shapes) -> str:
 
 
 def dry_run(c: ml_collections.ConfigDict, hf_config: dict[str, Any],
-            devices: Sequence[jax.Device] | None = None, lower: bool = True) -> DryRunReport:
+            devices: Sequence[jax.Device] | None = None, lower: bool = True, *, memory: bool = False,
+            where: str = "", hbm_bytes: int | None = None) -> DryRunReport:
   """Validate `c` with the architecture `hf_config` on `devices` (default: all) and lower its jitted steps abstractly.
 
   lower=False stops after the shapes and shardings (seconds saved per model; no sharding check by XLA).
+  memory=True also compiles every jitted function of the run (`memory_report.measure`) and reports its per-chip
+  memory against `hbm_bytes` (None: no limit known) on the devices described by `where`.
   Raises ConfigError (naming the key) or ModelConfigError for an impossible combination.
   """
   devices = list(devices if devices is not None else jax.devices())
@@ -100,24 +108,28 @@ def dry_run(c: ml_collections.ConfigDict, hf_config: dict[str, Any],
   check_context_fits(c, model_cfg)
   steps = AbstractSteps.build(c, model_cfg, mesh)
   params, opt_state, minibatch, whole = steps.params, steps.opt_state, steps.minibatch, steps.whole
-  if lower:
+  if lower and not memory:
     steps.lower()
+  report = measure(c, steps, mesh, where or f"{len(devices)} {devices[0].platform.upper()} devices", hbm_bytes) \
+      if memory else None
   layouts = {_path_name(p): _layout(v) for p, v in _variables(params)}
   return DryRunReport(
       mesh_shape=dict(mesh.shape), model=model_cfg,
       param_count=sum(math.prod(l.shape) for l in layouts.values()),
-      param_bytes=_total_bytes(params), param_bytes_per_device=_bytes_per_device(params),
-      opt_state_bytes_per_device=_bytes_per_device(opt_state), params=layouts,
+      param_bytes=_total_bytes(params), param_bytes_per_device=bytes_per_device(params),
+      opt_state_bytes_per_device=bytes_per_device(opt_state), params=layouts,
       minibatch_shapes={k: v.shape for k, v in minibatch.items()},
       logprob_batch_shapes={k: v.shape for k, v in whole.items()},
       batch_spec=_spec_entries(minibatch["tokens"].sharding.spec, 3),
-      replicated=replicated_dimensions(params, mesh), lowered=lower)
+      replicated=replicated_dimensions(params, mesh), lowered=lower or memory, memory=report)
 
 
 @dataclasses.dataclass(frozen=True)
 class AbstractSteps:
   """The trainer's jitted functions, built by its own builders, with abstract arguments carrying its shardings."""
 
+  model_cfg: ModelConfig
+  graphdef: nnx.GraphDef
   train_step: Any
   logprobs: Any
   params: nnx.State
@@ -130,7 +142,8 @@ class AbstractSteps:
     graphdef, params = builders.abstract_params(model_cfg, mesh)
     optimizer = builders.build_optimizer(c, planned_train_steps(c))
     layout = builders.build_batch_layout(mesh)
-    return cls(train_step=builders.build_train_step(c, graphdef, optimizer, mesh),
+    return cls(model_cfg=model_cfg, graphdef=graphdef,
+               train_step=builders.build_train_step(c, graphdef, optimizer, mesh),
                logprobs=builders.build_logprob_fn(c, graphdef, mesh), params=params,
                opt_state=_abstract_opt_state(optimizer, params, mesh),
                minibatch=layout.abstract(batch_shapes(c, train_step=True), num_leading=1),
@@ -229,11 +242,6 @@ def _total_bytes(tree) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in _leaves(tree))
 
 
-def _bytes_per_device(tree) -> int:
-  """Bytes one device holds: each leaf's shard shape times its item size."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in _leaves(tree))
-
-
 def replicated_dimensions(params: nnx.State, mesh: Mesh) -> tuple[str, ...]:
   """One line per (logical axis, size, mesh axis) the rules wanted to split but could not: the axis does not divide
   the dimension (e.g. 14 heads over tensor=4), so those params are replicated over that mesh axis."""
@@ -269,23 +277,49 @@ def define_flags() -> dict[str, flags.FlagHolder]:
   define_common_flags()
   return {"model_config": flags.DEFINE_string("model_config", None, "The model's config.json (default: "
                                               "<config.model.checkpoint>/config.json)."),
+          "topology": flags.DEFINE_string("topology", None, "Compile for this TPU slice (v5p-8, v4-32, v5e-1, "
+                                          "v6e-8, ...; needs libtpu: pip install -e '.[tpu]') and check every "
+                                          "function fits its HBM."),
           "fake_devices": flags.DEFINE_integer("fake_devices", 0, "Run on this many emulated CPU devices (0: the "
                                                "real ones)."),
           "lower": flags.DEFINE_bool("lower", True, "Lower the train step and log-prob fn (--nolower: shapes and "
-                                     "layouts only).")}
+                                     "layouts only)."),
+          "memory": flags.DEFINE_bool("memory", True, "Compile every jitted function of the run and report its "
+                                      "per-chip memory (--nomemory: lower the train step and log-prob fn only).")}
+
+
+def _target(flag_values: dict[str, flags.FlagHolder]) -> tuple[list[jax.Device] | None, str, int | None]:
+  """(devices, their description, HBM bytes per chip) of --topology, or the local (or fake) devices."""
+  name = flag_values["topology"].value
+  if flag_values["fake_devices"].value or name:  # before anything initializes a backend
+    jax.config.update("jax_platforms", "cpu")
+  if flag_values["fake_devices"].value:
+    jax.config.update("jax_num_cpu_devices", flag_values["fake_devices"].value)
+  if not name:
+    return None, "", None
+  topology = parse_topology(name)
+  return topology.devices(), f"{topology.name} ({topology.chips} chips)", topology.hbm_bytes
 
 
 def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
   del argv
-  if flag_values["fake_devices"].value:  # before anything initializes a backend
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", flag_values["fake_devices"].value)
-  c = load_config()
   try:
-    report = dry_run(c, read_model_config(c, flag_values["model_config"].value), lower=flag_values["lower"].value)
+    devices, where, hbm_bytes = _target(flag_values)
+  except TopologyError as e:
+    sys.exit(f"error: {e}")
+  c = load_config()
+  lower = flag_values["lower"].value
+  try:
+    report = dry_run(c, read_model_config(c, flag_values["model_config"].value), devices, lower=lower,
+                     memory=lower and flag_values["memory"].value, where=where, hbm_bytes=hbm_bytes)
   except (ConfigError, ModelConfigError) as e:
     sys.exit(f"error: {e}")
+  except DoesNotFit as e:
+    sys.exit(f"error: does not fit: {e}")
   print(report.summary())
+  shortfalls = report.memory.shortfalls() if report.memory else []
+  if shortfalls:
+    sys.exit("error: does not fit: " + "; ".join(shortfalls))
 
 
 def run() -> None:

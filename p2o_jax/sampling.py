@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from p2o_jax import distributed, sharding
 from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
@@ -145,16 +146,37 @@ class _Mode:
 def sampling_params(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype) -> nnx.State:
   """The weights as the sampler reads them: floating params in `dtype` with `SAMPLING_RULES` shardings. `state`
   itself when that changes nothing (f32 compute on a mesh without fsdp), so no second copy is kept."""
-  variables = jax.tree.leaves(state, is_leaf=_is_variable)
-  same_dtype = all(v.dtype == dtype or not jnp.issubdtype(v.dtype, jnp.floating) for v in variables)
   if mesh is None:
-    return state if same_dtype else jax.tree.map(functools.partial(_cast_floating, dtype=dtype), state)
+    return state if _same_dtype(state, dtype) else _cast_floating_tree(state, dtype)
   targets = sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES)
-  same_layout = all(v.get_value().sharding.is_equivalent_to(t, v.ndim)
-                    for v, t in zip(variables, jax.tree.leaves(targets)))
-  if same_dtype and same_layout:
+  if _same_dtype(state, dtype) and _same_layout(state, targets):
     return state
   return jax.jit(functools.partial(_cast_floating_tree, dtype=dtype), out_shardings=targets)(state)
+
+
+def abstract_sampling_params(state: nnx.State, mesh: jax.sharding.Mesh, dtype) -> tuple[nnx.State, bool]:
+  """(`sampling_params` of abstract params as ShapeDtypeStructs, whether that is a second copy of the weights)."""
+  targets = sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES)
+  copy = not (_same_dtype(state, dtype) and _same_layout(state, targets))
+
+  def one(variable, target):
+    x = variable.get_value()
+    return variable.replace(jax.ShapeDtypeStruct(x.shape, _floating_dtype(x.dtype, dtype), sharding=target))
+
+  return jax.tree.map(one, state, targets, is_leaf=_is_variable), copy
+
+
+def _floating_dtype(current, dtype):
+  return dtype if jnp.issubdtype(current, jnp.floating) else current
+
+
+def _same_dtype(state: nnx.State, dtype) -> bool:
+  return all(v.dtype == _floating_dtype(v.dtype, dtype) for v in jax.tree.leaves(state, is_leaf=_is_variable))
+
+
+def _same_layout(state: nnx.State, targets) -> bool:
+  variables = jax.tree.leaves(state, is_leaf=_is_variable)
+  return all(v.get_value().sharding.is_equivalent_to(t, v.ndim) for v, t in zip(variables, jax.tree.leaves(targets)))
 
 
 def _is_variable(x) -> bool:
@@ -162,7 +184,7 @@ def _is_variable(x) -> bool:
 
 
 def _cast_floating(x, dtype):
-  return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return x.astype(_floating_dtype(x.dtype, dtype))
 
 
 def _cast_floating_tree(state, dtype):
@@ -186,6 +208,14 @@ def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mes
     raise ValueError(f"rollout.kv_cache_gib: one row of {length} tokens needs {per_row / 2**30:.2f} GiB of KV cache "
                      f"per device, more than the budget of {cache_budget_bytes / 2**30:.2f} GiB")
   return rows_per_device * sharding.batch_divisor(mesh)
+
+
+def call_batch(rows: int, chunk: int, mesh: jax.sharding.Mesh | None) -> int:
+  """Rows of one device call: `rows` rounded up to a power of two (few distinct compiled shapes), at most `chunk`,
+  a multiple of the devices the batch is split over."""
+  divisor = sharding.batch_divisor(mesh)
+  size = min(max(divisor, 1 << max(rows - 1, 0).bit_length()), chunk)
+  return -(-size // divisor) * divisor
 
 
 def _is_eos(tokens_b, eos_ids):
@@ -266,10 +296,7 @@ class Sampler:
     self.state = sampling_params(state, self.mesh, self.cfg.dtype)
 
   def _batch_size(self, rows: int, chunk: int) -> int:
-    """Rows of one call: `rows` rounded up to a power of two, at most `chunk`, a multiple of the batch divisor."""
-    divisor = sharding.batch_divisor(self.mesh)
-    size = min(max(divisor, 1 << max(rows - 1, 0).bit_length()), chunk)
-    return -(-size // divisor) * divisor
+    return call_batch(rows, chunk, self.mesh)
 
   def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
     for i, prompt in enumerate(prompts):
@@ -348,6 +375,25 @@ class Sampler:
       carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
     fetch = distributed.local_part if local_batch < global_batch else distributed.to_host
     return fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)]
+
+
+def lower_sampler_call(graphdef, state: nnx.State, mesh: jax.sharding.Mesh, *, rows: int, prompt_len: int,
+                       cfg: SamplingConfig) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+  """The compiled prefill and decode of one sampler call of `rows` prompts of `prompt_len` tokens, from abstract
+  `state` (see abstract_sampling_params): what `Sampler.generate` runs for such a call, for the dry run."""
+  mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, eos_ids=(1,), pad_id=0)
+  rows_of = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape),
+                                                                                                     rows))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=jax.sharding.NamedSharding(mesh, P()))
+  key, f32 = scalar(jax.eval_shape(lambda: jax.random.key(0)).dtype), scalar(jnp.float32)
+  with jax.set_mesh(mesh):
+    prefill = _prefill.lower(graphdef, state, rows_of((rows, prompt_len), jnp.int32),
+                             rows_of((rows, prompt_len), jnp.bool_), rows_of((rows,), jnp.bool_), key, f32, f32,
+                             mode=mode).compile()
+    carry = jax.tree.map(lambda info, target: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=target),
+                         prefill.out_info, prefill.output_shardings)
+    decode = _decode.lower(graphdef, state, carry, f32, f32, mode=mode).compile()
+  return prefill, decode
 
 
 def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...]) -> SampleOutput:

@@ -2,7 +2,13 @@
 the `slow` marker for every test that uses a module's multi-process or subprocess run (the fast tier is
 `pytest -m "not slow"`)."""
 
+import os
+
 import pytest
+
+# Every test runs on the CPU. With libtpu installed (the test extra brings it, for compiling against TPU topologies)
+# JAX would otherwise try to open a TPU first in every process, tests' subprocesses included.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Fixtures that run a whole multi-process training, a notebook, or an 8-device subprocess for a module's tests.
 SLOW_FIXTURES = {"runs", "eight_devices", "smoke_run"}

@@ -1,15 +1,21 @@
 """The jitted sampler against transformers: greedy `generate` token for token, log-probs against a teacher-forced
 forward pass, the sampled distribution against softmax(logits), filtering, seeding, row layout and compile counts."""
 
+import dataclasses
+
 import hf_models
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from flax import nnx
+
 from p2o_jax.models.hf_checkpoint import load_hf_model
-from p2o_jax.sampling import Sampler, SamplingConfig, _decode, _prefill, filter_logits, first_argmax
+from p2o_jax.sampling import (Sampler, SamplingConfig, _decode, _prefill, chunk_rows, filter_logits, first_argmax,
+                              kv_cache_bytes_per_row)
 
 PAD = 0
 SAMPLED_EOS = 1
@@ -216,3 +222,40 @@ def test_prompt_longer_than_maximum_is_a_value_error_naming_it(sampler):
   prompts = [[2] * 4, [2] * (MAX_PROMPT + 1)]
   with pytest.raises(ValueError, match=f"prompt 1 has {MAX_PROMPT + 1} tokens"):
     sampler.generate(prompts, SamplingConfig(max_new_tokens=4))
+
+
+# --- memory: chunked calls and the sampler's weight copy --------------------------------------------------------------
+
+def test_a_kv_cache_budget_runs_a_call_in_chunks_with_the_same_greedy_output(greedy_run, qwen2):
+  greedy_sampler, whole, _, eos = greedy_run
+  one_row = kv_cache_bytes_per_row(qwen2[0].cfg, 16 + MAX_NEW, mesh=None)  # PROMPTS are all in bucket 16
+  assert one_row == 2 * qwen2[0].cfg.num_layers * qwen2[0].cfg.num_kv_heads * 26 * qwen2[0].cfg.head_dim * 4
+  chunked = Sampler(qwen2[0], eos_ids=[eos], pad_id=PAD, max_prompt_len=MAX_PROMPT, cache_budget_bytes=4 * one_row)
+  batches = []
+  generate_chunk = chunked._generate_chunk
+  chunked._generate_chunk = lambda rows, length, batch, *a: batches.append(batch) or generate_chunk(rows, length,
+                                                                                                    batch, *a)
+  got = chunked.generate(PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0))
+  assert batches == [4, 2]  # 6 rows: a chunk of 4, then 2 (padded to a power of two, never beyond the chunk)
+  np.testing.assert_array_equal(got.tokens, whole.tokens)
+  np.testing.assert_allclose(got.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_chunk_rows_follows_the_budget_and_refuses_one_that_holds_no_row(qwen2):
+  cfg = qwen2[0].cfg
+  one_row = kv_cache_bytes_per_row(cfg, 100, mesh=None)
+  assert chunk_rows(0, cfg, 100, mesh=None) is None
+  assert chunk_rows(5 * one_row + 1, cfg, 100, mesh=None) == 5
+  with pytest.raises(ValueError, match=r"rollout.kv_cache_gib: one row of 100 tokens needs [\d.]+ GiB"):
+    chunk_rows(one_row - 1, cfg, 100, mesh=None)
+
+
+def test_the_sampler_reads_weights_in_the_compute_dtype(qwen2):
+  model = qwen2[0]
+  bf16 = nnx.merge(*nnx.split(model))
+  bf16.cfg = dataclasses.replace(model.cfg, compute_dtype="bfloat16")
+  sampler = Sampler(bf16, eos_ids=[SAMPLED_EOS], pad_id=PAD, max_prompt_len=MAX_PROMPT)
+  dtypes = {v.dtype for v in jax.tree.leaves(sampler.state)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  f32 = Sampler(model, eos_ids=[SAMPLED_EOS], pad_id=PAD, max_prompt_len=MAX_PROMPT)
+  assert all(a is b for a, b in zip(jax.tree.leaves(f32.state), jax.tree.leaves(nnx.split(model)[1])))  # no copy

@@ -102,6 +102,9 @@ class Trainer:
   def __init__(self, c, *, policy: Policy, train_queries: Sequence[Query], eval_sets: dict[str, Sequence[Query]],
                score: ScoreFn, hooks: TrainerHooks | None = None):
     self.c, self.policy, self.score = c, policy, score
+    # Evaluation is lockstep (every process scores the same responses); scored once, so every process agrees on the
+    # best dev accuracy and takes the same export("best") collective.
+    self.lockstep_score = distributed.scored_on_process_zero(score)
     self.hooks = hooks or TrainerHooks()
     self.eval_sets = eval_sets
     self.run_dir = RunDir.from_config(c)
@@ -242,8 +245,8 @@ class Trainer:
   def evaluate(self, step: int) -> dict[str, float]:
     metrics = {}
     for name, queries in self.eval_sets.items():
-      result = evaluate_set(self.policy, queries, self.c.data.prompt_format, self.eval_protocol, self.score,
-                            seed=self.c.seed)
+      result = evaluate_set(self.policy, queries, self.c.data.prompt_format, self.eval_protocol,
+                            self.lockstep_score, seed=self.c.seed)
       metrics[f"eval/{name}/accuracy"] = result["accuracy"]
     if metrics:
       dev = float(np.mean(list(metrics.values())))
