@@ -170,10 +170,8 @@ def measure(c: ml_collections.ConfigDict, steps, mesh, where: str, hbm_bytes: in
   sampler_state, copied = sampling.abstract_sampling_params(steps.params, mesh, cfg.dtype)
   param_bytes, opt_bytes, sampler_bytes = (bytes_per_device(x) for x in (steps.params, steps.opt_state,
                                                                         sampler_state))
-  calls = sampler_calls(c)
-  copies = (1 + any(call.reference for call in calls)) * copied
   resident = Resident(params=param_bytes * (1 + keeps_reference(c)), opt_state=opt_bytes,
-                      sampler_weights=copies * sampler_bytes)
+                      sampler_weights=sampler_bytes if copied else 0)
   minibatch, whole = steps.minibatch["tokens"].shape, steps.whole["tokens"].shape
   train_shapes = f"{minibatch[0]} x {minibatch[1]} rows x {minibatch[2]} tokens"
   logprob_shapes = f"{whole[0]} x {whole[1]} rows x {whole[2]} tokens"
@@ -183,8 +181,10 @@ def measure(c: ml_collections.ConfigDict, steps, mesh, where: str, hbm_bytes: in
   functions = [function_memory("train step", train_shapes, train_step, resident_args=param_bytes + opt_bytes),
                function_memory("log-prob pass", logprob_shapes, logprobs, resident_args=param_bytes)]
   budget = int(c.rollout.kv_cache_gib * GIB)
-  for call in calls:
-    functions += _sampler_memory(call, steps.graphdef, cfg, sampler_state, sampler_bytes, mesh, budget)
+  for call in sampler_calls(c):
+    # The reference sampler reads the frozen params as they are (Policy: no copy of them for rare reflections).
+    state, state_bytes = (steps.params, param_bytes) if call.reference else (sampler_state, sampler_bytes)
+    functions += _sampler_memory(call, steps.graphdef, cfg, state, state_bytes, mesh, budget)
   return MemoryReport(where, resident, tuple(functions), hbm_bytes)
 
 

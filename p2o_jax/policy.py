@@ -93,5 +93,6 @@ class Policy:
     if self._reference_sampler is None:
       self._reference_sampler = Sampler(nnx.merge(self.graphdef, self.ref_params), eos_ids=self.sampler.eos_ids,
                                         pad_id=self.pad_id, max_prompt_len=self.reference_max_prompt_len,
-                                        mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes)
+                                        mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes,
+                                        copy_weights=False)  # reflections are rare: no second copy of the weights
     return self._reference_sampler

@@ -276,12 +276,15 @@ class Sampler:
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
                prompt_buckets: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None,
-               cache_budget_bytes: int = 0):
+               cache_budget_bytes: int = 0, copy_weights: bool = True):
     if not eos_ids:
       raise ValueError("the sampler needs at least one EOS token id")
     self.graphdef, state = nnx.split(model)
     self.cfg = model.cfg
     self.cache_budget_bytes = cache_budget_bytes  # per device; 0: every call in one chunk
+    # False: read the params as they are (fsdp shards gathered every decode step) instead of keeping a whole copy; for
+    # rare calls such as Self-Ref reflection, where a second copy's HBM costs more than the gathers' time.
+    self.copy_weights = copy_weights
     self.mesh = mesh
     self.set_params(state)
     self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -293,7 +296,7 @@ class Sampler:
 
   def set_params(self, state: nnx.State) -> None:
     """Sample from new weights (same architecture and shardings): no recompilation."""
-    self.state = sampling_params(state, self.mesh, self.cfg.dtype)
+    self.state = sampling_params(state, self.mesh, self.cfg.dtype) if self.copy_weights else state
 
   def _batch_size(self, rows: int, chunk: int) -> int:
     return call_batch(rows, chunk, self.mesh)

@@ -259,3 +259,13 @@ def test_the_sampler_reads_weights_in_the_compute_dtype(qwen2):
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
   f32 = Sampler(model, eos_ids=[SAMPLED_EOS], pad_id=PAD, max_prompt_len=MAX_PROMPT)
   assert all(a is b for a, b in zip(jax.tree.leaves(f32.state), jax.tree.leaves(nnx.split(model)[1])))  # no copy
+
+
+def test_a_sampler_without_its_own_copy_reads_the_params_as_they_are(qwen2):
+  """The reference sampler (Self-Ref reflection, rare) keeps no second copy of the weights, even in bf16 compute."""
+  model = nnx.merge(*nnx.split(qwen2[0]))
+  model.cfg = dataclasses.replace(model.cfg, compute_dtype="bfloat16")
+  sampler = Sampler(model, eos_ids=[SAMPLED_EOS], pad_id=PAD, max_prompt_len=MAX_PROMPT, copy_weights=False)
+  assert all(a is b for a, b in zip(jax.tree.leaves(sampler.state), jax.tree.leaves(nnx.split(model)[1])))
+  out = sampler.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=3, temperature=0.0))
+  assert out.tokens.shape == (2, 3)
