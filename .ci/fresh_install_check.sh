@@ -47,9 +47,10 @@ assert seqio_tasks.score_task(name, ["1", "0", "3"])["verified_accuracy"] == 2 /
 print("seqio: served and scored 3 rows through a registered task")
 EOF
 
-step "extra [tpu]: libtpu compiles for a TPU topology without a TPU"
+step "extra [tpu]: libtpu compiles for a TPU topology without a TPU; gcsfs for gs:// checkpoints"
 "$venv/bin/pip" install -q -e ".[tpu]"
-"$py" - <<'EOF'
+JAX_PLATFORMS=cpu "$py" - <<'EOF'
+import gcsfs, jinja2  # what a TPU VM run needs besides libtpu: gs:// checkpoint directories, chat templates
 import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P

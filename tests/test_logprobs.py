@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2o_jax.rl.logprobs import chunked_logprobs
+from jax.sharding import AbstractMesh
+
+from p2o_jax.rl.logprobs import DEFAULT_CHUNK_TOKENS, chunked_logprobs, default_chunk_size
+from p2o_jax.sharding import MESH_AXES
 
 B, E, V = 3, 16, 50
 
@@ -150,3 +153,12 @@ def test_gradient_memory_is_bounded_by_the_chunk():
   assert chunked_bytes < plain_bytes / 4, (chunked_bytes, plain_bytes)
   assert chunked_bytes < full_tensor / 2, (chunked_bytes, full_tensor)
   assert chunked_bytes < 3 * b * chunk * v * 4, chunked_bytes  # a couple of chunk-sized buffers, whatever R is
+
+
+def test_the_default_chunk_holds_about_1024_tokens_per_device():
+  """Chunks count tokens per device, not positions: 16 rows of one device share 1,024 tokens."""
+  assert default_chunk_size(1) == DEFAULT_CHUNK_TOKENS == 1024
+  assert default_chunk_size(16) == 64
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1, 4, 1), MESH_AXES)):
+    assert default_chunk_size(16) == 256  # 4 rows per device
+    assert default_chunk_size(6) == 170  # 6 rows do not split over 4 devices: every device holds them all

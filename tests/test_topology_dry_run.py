@@ -106,6 +106,7 @@ def test_the_kv_cache_column_is_the_caches_size(tiny_on_v5e):
   assert gib(rows["sampler decode: rollouts"][2]) == pytest.approx(want, abs=0.006)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_run_that_cannot_fit_names_the_function_and_the_bytes_short():
   # Evaluating a small set with 4,096 samples per problem: 99 x 4096 rows in one call, a 64 GiB KV cache.

@@ -11,7 +11,6 @@ from flax import nnx
 
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder, positions_from_mask
-from p2o_jax.rl.logprobs import DEFAULT_CHUNK_SIZE
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 
@@ -41,7 +40,7 @@ def as_micro(rows, micro):
   return {k: v.reshape(ROWS // micro, micro, *v.shape[1:]) for k, v in rows.items()}
 
 
-def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7, chunk_size=DEFAULT_CHUNK_SIZE):
+def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7, chunk_size=None):
   graphdef, params = nnx.split(tiny_model())
   rows = dict(rows)
   rows["old_logp"] = np.asarray(make_logprob_fn(graphdef, temperature)(params, as_micro(rows, 2))).reshape(ROWS, -1)

@@ -4,9 +4,9 @@ A row is the prompt left-padded to P tokens followed by the response right-padde
 predicts response token j sits at position P - 1 + j, so only those R positions go through the LM head. Log-probs use
 logits / temperature, the same distribution the sampler drew from, so an untouched policy has ratio exactly 1.
 
-The LM head is applied `chunk_size` sequence positions at a time (`chunked_logprobs`): a full (rows, R, vocab) float32
+The LM head is applied a chunk of sequence positions at a time (`chunked_logprobs`): a full (rows, R, vocab) float32
 tensor is never built, neither in the forward pass nor in the backward pass. For Qwen3-4B (vocab 151,936) at
-R = 12,288 one such tensor is 7 GiB per row; one chunk of 1,024 positions is 0.58 GiB per row.
+R = 12,288 one such tensor is 7 GiB per row; a chunk of 1,024 tokens per device is 0.58 GiB.
 """
 
 from __future__ import annotations
@@ -19,11 +19,21 @@ import jax.numpy as jnp
 from p2o_jax import sharding
 from p2o_jax.models.decoder import Decoder, positions_from_mask
 
-# Sequence positions per LM-head chunk. Each live (rows, chunk, vocab) float32 buffer is 1,024 x 151,936 x 4 B =
-# 0.58 GiB per row for Qwen3-4B (the backward pass holds two or three: logits, softmax, their gradient), against
-# 7 GiB per buffer for the whole 12,288-token response: 12 chunks per row, each chunk's matmul still 1,024 x rows
-# rows long, plenty to keep a TPU's matrix units busy. Fewer positions per chunk trade memory for more, smaller steps.
-DEFAULT_CHUNK_SIZE = 1024
+# Tokens (rows x positions) per device in one LM-head chunk. Each live (tokens, vocab) float32 buffer is then
+# 1,024 x 151,936 x 4 B = 0.58 GiB for Qwen3-4B (the backward pass holds two or three: logits, softmax, their
+# gradient), against 7 GiB per row for a whole 12,288-token response. A chunk's matmul is still 1,024 tokens long,
+# plenty to keep a TPU's matrix units busy. Counted in tokens, not positions: 16 rows of a 512-token response per
+# device in one position chunk would be 5 GiB per buffer.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def default_chunk_size(rows: int) -> int:
+  """Positions per chunk so that a chunk holds about DEFAULT_CHUNK_TOKENS tokens per device, the `rows` split over
+  the ambient mesh's batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  divisor = 1 if mesh.empty else sharding.batch_divisor(mesh)
+  rows_per_device = rows // divisor if rows % divisor == 0 else rows
+  return max(DEFAULT_CHUNK_TOKENS // max(rows_per_device, 1), 1)
 
 
 def response_hidden(model: Decoder, tokens_bt, valid_bt, response_len: int):
@@ -34,7 +44,7 @@ def response_hidden(model: Decoder, tokens_bt, valid_bt, response_len: int):
 
 
 def chunked_logprobs(hidden_bre, unembedding_ev, targets_br, temperature: float, *,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE, entropy: bool = True):
+                     chunk_size: int | None = None, entropy: bool = True):
   """(log-prob of each target, entropy of each position's distribution), both (b, R) float32, under
   softmax(hidden @ unembedding / temperature), computed `chunk_size` positions at a time.
 
@@ -42,12 +52,13 @@ def chunked_logprobs(hidden_bre, unembedding_ev, targets_br, temperature: float,
   cast to float32 before the log-sum-exp. Gradients flow to `hidden_bre` and `unembedding_ev` through the log-probs
   (an analytic custom VJP that recomputes each chunk's logits: d logp / d logits = (onehot - softmax) / T); the
   entropy is a metric and carries no gradient (stop_gradient). `entropy=False` skips it and returns None in its place.
-  R need not be a multiple of `chunk_size`.
+  R need not be a multiple of `chunk_size` (positions per chunk; None: `default_chunk_size`).
   """
   b, r, e = hidden_bre.shape
   if unembedding_ev.shape[0] != e or targets_br.shape != (b, r):
     raise ValueError(f"shapes: hidden {hidden_bre.shape}, unembedding {unembedding_ev.shape}, targets "
                      f"{targets_br.shape}")
+  chunk_size = default_chunk_size(b) if chunk_size is None else chunk_size
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   chunk = min(chunk_size, r)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from p2o_jax.rl.logprobs import DEFAULT_CHUNK_SIZE, chunked_logprobs, response_hidden
+from p2o_jax.models.decoder import Decoder
+from p2o_jax.rl.logprobs import chunked_logprobs, response_hidden
 from p2o_jax.rl.losses import PolicyLossConfig, aggregate, policy_loss
 
 Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, old_logp, token_weights[, ref_logp]
@@ -26,11 +27,21 @@ Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, old_lo
 class StepConfig:
   loss: PolicyLossConfig
   temperature: float = 1.0  # the rollout temperature: log-probs are taken under logits / T
-  logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # response positions per LM-head chunk (p2o_jax.rl.logprobs)
+  logprob_chunk_size: int | None = None  # response positions per LM-head chunk (None: rl.logprobs' default)
+
+
+def compute_model(graphdef, params) -> Decoder:
+  """The model with its floating params cast to the compute dtype once, up front (f32 master weights, bf16 compute;
+  gradients still reach the f32 params). With fsdp each layer's weights are then all-gathered in bf16: XLA keeps the
+  gathered weights of every layer from the forward to the backward pass, and in f32 that was 15 GiB per chip for
+  Qwen3-4B, more than a v4 chip could spare."""
+  dtype = nnx.merge(graphdef, params).cfg.dtype
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return nnx.merge(graphdef, jax.tree.map(cast, params))
 
 
 def _micro_loss(params, graphdef, micro: Batch, denominator, cfg: StepConfig):
-  model = nnx.merge(graphdef, params)
+  model = compute_model(graphdef, params)
   response_len = micro["response_mask"].shape[1]
   hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
   logp, entropy = chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], cfg.temperature,
@@ -86,12 +97,12 @@ def _step_metrics(sums, denominator, grads, opt_state) -> dict[str, jax.Array]:
   return metrics
 
 
-def make_logprob_fn(graphdef, temperature: float, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Callable:
+def make_logprob_fn(graphdef, temperature: float, *, chunk_size: int | None = None) -> Callable:
   """`logprobs(params, batch) -> (micro_batches, micro_batch_size, R)` for old-policy or reference log-probs, the LM
   head applied `chunk_size` response positions at a time (no entropy: nothing here logs it)."""
 
   def logprobs(params, batch: Batch):
-    model = nnx.merge(graphdef, params)
+    model = compute_model(graphdef, params)
     response_len = batch["response_mask"].shape[-1]
 
     def one(micro):
