@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 50
   c.reward.fallback = "last_number"  # GSM8K answers end in "#### 42"; the extractor reads that first
   c.rollout.max_prompt_len, c.rollout.max_new_tokens, c.rollout.num_samples = 256, 512, 8
+  # 9 MiB of KV cache per row: sampler calls of up to 142 rows, so a 99-problem set's 1,584 evaluation samples do not
+  # prefill at once (one call of 2,048 rows needs 39 GB). `python -m p2o_jax.dry_run ... --topology v5e-1` checks it.
+  c.rollout.kv_cache_gib = 1.25
   c.train.batch_size, c.train.epochs, c.train.checkpoint_every = 32, 1, 25
   c.grpo.num_minibatches, c.grpo.micro_batch_size = 2, 16
   c.optim.lr = 1e-6

@@ -119,8 +119,8 @@ def test_paper_config_with_qwen3_4b_shards_everything_with_an_embed_axis_over_fs
   assert layouts["layers.0.attn.q_norm.scale"]["shard_shape"] == [128]  # head_dim has no mesh axis
   qk_norms = 36 * 2 * 128
   assert r["param_bytes_per_device"] == F32 * ((4_022_468_096 - qk_norms) // 8 + qk_norms)
-  # 128 queries x 6 samples = 768 rows; 2 mini-batches of 384 = 24 micro-batches of 16; 1024 + 12288 tokens.
-  assert r["minibatch_shapes"]["tokens"] == [24, 16, 13312]
+  # 128 queries x 6 samples = 768 rows; 2 mini-batches of 384 = 24 micro-batches of 16; 4096 + 12288 tokens.
+  assert r["minibatch_shapes"]["tokens"] == [24, 16, 16384]
   assert r["minibatch_shapes"]["token_weights"] == [24, 16, 12288]
   assert r["logprob_batch_shapes"]["response_mask"] == [48, 16, 12288]
   assert r["batch_spec"] == [None, "fsdp", None]
