@@ -76,12 +76,12 @@ def test_colab_config_on_eight_devices_is_pure_data_parallel(runs):
   # fsdp = tensor = 1: the rules shard no parameter, every device holds the whole model.
   assert r["layouts"]["embed"] == {"shape": [151936, 896], "spec": [None, None], "shard_shape": [151936, 896]}
   assert r["param_bytes"] == r["param_bytes_per_device"] == 494_032_768 * F32
-  # 32 queries x 8 samples = 256 rows; 2 mini-batches of 128 = 8 micro-batches of 16; 256 + 512 tokens per row.
-  assert r["minibatch_shapes"]["tokens"] == [8, 16, 768]
-  assert r["minibatch_shapes"]["old_logp"] == [8, 16, 512]
-  assert r["minibatch_shapes"]["advantages"] == [8, 16]
+  # 32 queries x 8 samples = 256 rows; 2 mini-batches of 128 = 16 micro-batches of 8; 256 + 512 tokens per row.
+  assert r["minibatch_shapes"]["tokens"] == [16, 8, 768]
+  assert r["minibatch_shapes"]["old_logp"] == [16, 8, 512]
+  assert r["minibatch_shapes"]["advantages"] == [16, 8]
   assert "ref_logp" not in r["minibatch_shapes"]  # kl_coef = 0
-  assert r["logprob_batch_shapes"]["tokens"] == [16, 16, 768]
+  assert r["logprob_batch_shapes"]["tokens"] == [32, 8, 768]
   assert r["batch_spec"] == [None, "data", None]
   assert r["replicated"] == []
 
