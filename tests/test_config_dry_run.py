@@ -141,7 +141,7 @@ def test_remat_config_traces(runs):
     ("micro_batch_not_split_by_data_axis", ["ConfigError", "config.grpo.micro_batch_size", "4 is not divisible",
                                             "8 devices"]),
     ("mesh_does_not_fit", ["ConfigError", "config.mesh", "does not fit 8 devices"]),
-    ("response_beyond_max_positions", ["ConfigError", "config.rollout.max_new_tokens", "41024",
+    ("response_beyond_max_positions", ["ConfigError", "config.rollout.max_new_tokens", "44096",
                                        "max_position_embeddings=40960"]),
     ("sliding_window_model", ["ModelConfigError", "use_sliding_window"]),
 ])

@@ -116,6 +116,7 @@ def test_builtin_splits_are_the_ones_training_evaluates():
   assert evaluation.builtin_sets(c) == {}
 
 
+@pytest.mark.slow
 def test_hf_directory_matches_an_independent_computation(files):
   c = make_config(files, both_sets(files))
   results = evaluation.run_evaluation(c, files["policy"], score=parity_score)

@@ -79,6 +79,7 @@ def test_templated_rows_are_generated_from_x_tilde_and_trained_on_x(setup):
   assert rollouts.is_templated().tolist() == [False] * K + [True, False, True, True]
 
 
+@pytest.mark.slow
 def test_distillation_gradient_equals_plain_grpo_gradient_on_reencoded_rows(setup):
   tokenizer, model, _ = setup
   _, rollouts = rollouts_for("plain", setup)

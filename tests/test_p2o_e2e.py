@@ -70,6 +70,7 @@ def make_trainer(c, policy_dir, queries):
 QUERIES = [Query(f"q{i}", f"Q: {10 + i}+{20 + 3 * i}=", str(30 + 4 * i)) for i in range(8)]
 
 
+@pytest.mark.slow
 def test_two_epochs_collect_hard_set_run_gepa_and_roll_out_templated_groups(policy_dir, tmp_path, capsys):
   c = p2o_config(tmp_path, policy_dir)
   trainer = make_trainer(c, policy_dir, QUERIES)

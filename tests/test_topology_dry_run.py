@@ -77,7 +77,9 @@ def test_unknown_topologies_are_one_line(name, fragment):
 
 @pytest.fixture(scope="module")
 def tiny_on_v5e():
-  proc = dry_run("--config", str(DEMO), "--topology", "v5e-1")
+  # P^2O off: GEPA scoring's programs are the sampler's again, at other shapes; the slow tier's cannot-fit test keeps
+  # P^2O on. Six compiles keep this under a minute.
+  proc = dry_run("--config", str(DEMO), "--topology", "v5e-1", "--config.p2o.enabled=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -87,8 +89,7 @@ def test_a_tiny_models_whole_run_compiles_for_one_v5e_chip_and_fits(tiny_on_v5e)
   assert "Memory per chip on v5e-1 (1 chips), 14.90 GiB HBM each" in tiny_on_v5e
   rows = table_rows(tiny_on_v5e)
   expected = {"train step", "log-prob pass", "sampler prefill: rollouts", "sampler decode: rollouts",
-              "sampler prefill: evaluation", "sampler decode: evaluation", "sampler prefill: GEPA scoring",
-              "sampler decode: GEPA scoring"}
+              "sampler prefill: evaluation", "sampler decode: evaluation"}
   assert set(rows) == expected
   for name, cells in rows.items():
     total, headroom = gib(cells[4]), float(cells[5].rstrip("%"))
