@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from p2o_jax import distributed, sharding
-from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from p2o_jax.models.decoder import Decoder, cast_floating, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +147,11 @@ def sampling_params(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype) -> 
   """The weights as the sampler reads them: floating params in `dtype` with `SAMPLING_RULES` shardings. `state`
   itself when that changes nothing (f32 compute on a mesh without fsdp), so no second copy is kept."""
   if mesh is None:
-    return state if _same_dtype(state, dtype) else _cast_floating_tree(state, dtype)
+    return state if _same_dtype(state, dtype) else cast_floating(state, dtype)
   targets = sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES)
   if _same_dtype(state, dtype) and _same_layout(state, targets):
     return state
-  return jax.jit(functools.partial(_cast_floating_tree, dtype=dtype), out_shardings=targets)(state)
+  return jax.jit(functools.partial(cast_floating, dtype=dtype), out_shardings=targets)(state)
 
 
 def abstract_sampling_params(state: nnx.State, mesh: jax.sharding.Mesh, dtype) -> tuple[nnx.State, bool]:
@@ -181,14 +181,6 @@ def _same_layout(state: nnx.State, targets) -> bool:
 
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
-
-
-def _cast_floating(x, dtype):
-  return x.astype(_floating_dtype(x.dtype, dtype))
-
-
-def _cast_floating_tree(state, dtype):
-  return jax.tree.map(functools.partial(_cast_floating, dtype=dtype), state)
 
 
 def kv_cache_bytes_per_row(cfg, length: int, mesh: jax.sharding.Mesh | None) -> int:

@@ -233,3 +233,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
   dtype = dtype or cfg.dtype
   return [{name: sharding.constrain(jnp.zeros(shape, dtype), axes) for name in ("k", "v")}
           for _ in range(cfg.num_layers)]
+
+
+def cast_floating(tree, dtype):
+  """`tree` with its floating arrays in `dtype` (integer arrays as they are): params in the compute dtype."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from p2o_jax.models.decoder import Decoder
+from p2o_jax.models.decoder import Decoder, cast_floating
 from p2o_jax.rl.logprobs import chunked_logprobs, response_hidden
 from p2o_jax.rl.losses import PolicyLossConfig, aggregate, policy_loss
 
@@ -35,9 +35,7 @@ def compute_model(graphdef, params) -> Decoder:
   gradients still reach the f32 params). With fsdp each layer's weights are then all-gathered in bf16: XLA keeps the
   gathered weights of every layer from the forward to the backward pass, and in f32 that was 15 GiB per chip for
   Qwen3-4B, more than a v4 chip could spare."""
-  dtype = nnx.merge(graphdef, params).cfg.dtype
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return nnx.merge(graphdef, jax.tree.map(cast, params))
+  return nnx.merge(graphdef, cast_floating(params, nnx.merge(graphdef, params).cfg.dtype))
 
 
 def _micro_loss(params, graphdef, micro: Batch, denominator, cfg: StepConfig):
