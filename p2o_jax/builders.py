@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from p2o_jax import sharding
-from p2o_jax.config import ConfigError, builtin_world
+from p2o_jax.config import ConfigError, builtin_world, reward_functions
 from p2o_jax.models.attention import resolve_attention
 from p2o_jax.models.builtin import BasePolicySpec, build_cached_base_policy, find_base_policy, shipped_base_matches
 from p2o_jax.models.config import ModelConfig
@@ -20,11 +20,23 @@ from p2o_jax.models.decoder import Decoder
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer
 from p2o_jax.policy import Policy
+from p2o_jax.rewards.functions import RewardEntry, RewardFunctionError, resolve
+from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.batch_layout import BatchLayout
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.optimizer import make_optimizer
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 from p2o_jax.sft import SFTConfig
+
+
+def build_reward_pool(c: ml_collections.ConfigDict, functions: str | list[RewardEntry] | None = None) -> VerifierPool:
+  """The verifier pool scoring with `functions` (a Python list or config string), else config.reward.functions."""
+  try:
+    resolved = resolve(reward_functions(c) if functions is None else functions)
+  except RewardFunctionError as e:
+    raise ConfigError(f"reward functions: {e}") from None
+  return VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s, fallback=c.reward.fallback,
+                      functions=resolved)
 
 
 def base_policy_spec(c: ml_collections.ConfigDict) -> BasePolicySpec:

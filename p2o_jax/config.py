@@ -17,6 +17,7 @@ from p2o_jax.p2o.distillation import DISTILLATIONS, RATIO_MASKS
 from p2o_jax.p2o.reflectors import REFLECTORS
 from p2o_jax.rewards.extract import FALLBACKS
 from p2o_jax.rl.advantages import ADVANTAGE_ESTIMATORS
+from p2o_jax.rewards.functions import RewardFunctionError, resolve
 from p2o_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS
 from p2o_jax.rl.optimizer import SCHEDULES
 
@@ -82,7 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   # scoring) run in chunks of rows that fit. 0: no budget, every call in one chunk. The dry run checks it fits.
   c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6,
                    kv_cache_gib=0.0)
-  c.reward = dict(fallback="none", num_workers=2, timeout_s=5.0)
+  # functions: "name[=weight], ..." — built-in graders (math: math-verify; equivalence: our sympy grader;
+  # builtin_exact; boxed_format) or "package.module:function" in TRL's reward-function convention. The first one is
+  # the correctness reward that accuracy, the hard set and GEPA read (p2o_jax/rewards/functions.py). Empty: by
+  # data.source, "math" for files and "builtin_exact" for the built-in task (its answers are canonical integers).
+  c.reward = dict(functions="", fallback="none", num_workers=2, timeout_s=5.0)
   c.grpo = dict(
       advantage="grpo",  # "grpo" (std-normalized) or "dr_grpo"
       clip_low=0.2, clip_high=0.2, dual_clip=3.0,  # dual_clip 0: off
@@ -173,6 +178,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
   _one_of(c, "reward.fallback")
+  try:
+    resolve(reward_functions(c))
+  except RewardFunctionError as e:
+    raise ConfigError(f"config.reward.functions: {e}") from None
   _one_of(c, "grpo.advantage")
   _one_of(c, "grpo.aggregation")
   _one_of(c, "grpo.kl_estimator")
@@ -192,6 +201,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     batch_devices = _batch_devices(c, num_devices)
     _require(c.grpo.micro_batch_size % batch_devices == 0, "grpo.micro_batch_size",
              f"{c.grpo.micro_batch_size} is not divisible by the {batch_devices} devices of the data x fsdp axes")
+
+
+def reward_functions(c: ml_collections.ConfigDict) -> str:
+  """config.reward.functions, or when empty the data source's natural grader."""
+  return c.reward.functions or ("builtin_exact" if c.data.source == "builtin" else "math")
 
 
 def builtin_world(c: ml_collections.ConfigDict) -> arithmetic.WorldConfig:

@@ -27,9 +27,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from p2o_jax import sharding
+from p2o_jax.rewards.functions import ScoreFn, as_scores
 
 log = logging.getLogger(__name__)
-ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 INITIALIZE_MODES = ("auto", "always", "never")
 CPU_COLLECTIVES = ("gloo", "mpi", "none")
 
@@ -213,21 +213,18 @@ def broadcast(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
-def scored_on_process_zero(score: ScoreFn) -> ScoreFn:
-  """`score` for lockstep calls (every process passes the same responses and answers): process 0 scores, and every
-  process gets its float32 rewards; with one process, `score` itself.
+def scored_on_process_zero(score: ScoreFn) -> Callable[[Sequence[str], Sequence], np.ndarray]:
+  """`score` for lockstep calls (every process passes the same responses and queries): process 0 scores, and every
+  process gets the float32 correctness rewards (functions.RewardScores.correctness).
 
   Why: a reward that times out is 0, so two processes scoring the same response may disagree, then decide differently
   (GEPA's accepts, its best candidate) and run different collectives afterwards: a hang. Scored once, they cannot.
   Not for process-local calls (training rollouts): there each process's rows are its own, scored by it alone.
   """
-  if jax.process_count() == 1:
-    return score
-
-  def on_process_zero(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+  def on_process_zero(responses: Sequence[str], queries: Sequence) -> np.ndarray:
     rewards = np.zeros(len(responses), np.float32)
     if jax.process_index() == 0:
-      rewards = np.asarray(score(responses, answers), np.float32)
-    return broadcast(rewards) if len(responses) else rewards
+      rewards = as_scores(score(responses, queries), len(responses)).correctness
+    return broadcast(rewards) if len(responses) and jax.process_count() > 1 else rewards
 
   return on_process_zero

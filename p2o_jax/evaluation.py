@@ -23,17 +23,16 @@ from flax import nnx
 from p2o_jax import builders, sharding
 from p2o_jax.checkpoint import OrbaxStep, orbax_steps, restore_params
 from p2o_jax.cli import one_line
-from p2o_jax.config import ConfigError, builtin_world, validate
+from p2o_jax.config import ConfigError, builtin_world, reward_functions, validate
 from p2o_jax.data import arithmetic, seqio_tasks
 from p2o_jax.data.records import Query, read_queries
 from p2o_jax.models.config import load_hf_config
 from p2o_jax.policy import Policy
-from p2o_jax.rewards.pool import VerifierPool
+from p2o_jax.rewards.functions import ScoreFn, as_scores
 from p2o_jax.sampling import SamplingConfig
 
 RESULTS_FILENAME = "eval_results.json"
 QUESTION_FIELDS = ("problem", "question")  # interchangeable when the configured one is absent from a file
-ScoreFn = Callable[[Sequence[str], Sequence[str]], Any]
 log = logging.getLogger(__name__)
 
 
@@ -62,14 +61,14 @@ class EvalProtocol:
 
 
 def evaluate_set(policy: Policy, queries: Sequence[Query], prompt_format: str, protocol: EvalProtocol,
-                 score: Callable[[Sequence[str], Sequence[str]], np.ndarray], *, template: str = "",
-                 seed: int = 0) -> dict[str, float]:
-  """{"accuracy", "samples"}: mean verified reward over problems x samples, with `template` (default: none) in front
-  of every user turn."""
+                 score: ScoreFn, *, template: str = "", seed: int = 0) -> dict[str, float]:
+  """{"accuracy", "samples"}: the mean correctness reward (the first reward function) over problems x samples, with
+  `template` (default: none) in front of every user turn."""
   sampling, n = protocol.sampling_for(len(queries))
   out = policy.generate([prompt_format.format(question=q.question) for q in queries], sampling,
                         templates=[template] * len(queries), n=n, seed=seed)
-  rewards = score(out.texts, [q.answer for q in queries for _ in range(n)])
+  rows = [q for q in queries for _ in range(n)]
+  rewards = as_scores(score(out.texts, rows), len(rows)).correctness
   return {"accuracy": float(np.mean(rewards)), "samples": float(n)}
 
 
@@ -150,8 +149,14 @@ def _read_set(name: str, path: str, c, score: ScoreFn | None, use_seqio: bool):
   if not use_seqio:
     return read_queries(path, **fields).queries
   task = seqio_tasks.register_eval_task(_seqio_task_name(name), path, **fields, replace=True,
-                                        score_fn=score or seqio_tasks.exact_match_scores)
+                                        score_fn=_reference_scorer(score) if score else seqio_tasks.exact_match_scores)
   return seqio_tasks.eval_queries(task)
+
+
+def _reference_scorer(score: ScoreFn) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+  """seqio's metric sees only (predictions, targets): score them as queries whose only column is the answer."""
+  return lambda predictions, targets: as_scores(score(predictions, [Query("", "", t) for t in targets]),
+                                                len(targets)).correctness
 
 
 def _seqio_available() -> bool:
@@ -234,13 +239,15 @@ def config_summary(c) -> dict[str, Any]:
           "eval.sets": c.eval.sets, "eval.temperature": c.eval.temperature,
           "eval.small_set_size": c.eval.small_set_size, "eval.small_set_samples": c.eval.small_set_samples,
           "eval.max_new_tokens": c.eval.max_new_tokens or c.rollout.max_new_tokens,
-          "rollout.max_prompt_len": c.rollout.max_prompt_len, "reward.fallback": c.reward.fallback, "seed": c.seed}
+          "rollout.max_prompt_len": c.rollout.max_prompt_len, "reward.fallback": c.reward.fallback,
+          "reward.functions": reward_functions(c), "seed": c.seed}
 
 
 def run_evaluation(c, checkpoint: str | pathlib.Path, *, score: ScoreFn | None = None,
-                   include_builtin: bool = True) -> dict[str, Any]:
-  """The results document of evaluating `checkpoint` on the configured sets; `score` (responses, references) ->
-  rewards replaces the sandboxed verifier pool when given."""
+                   include_builtin: bool = True, functions=None) -> dict[str, Any]:
+  """The results document of evaluating `checkpoint` on the configured sets; `score` (responses, queries) -> rewards
+  replaces the sandboxed verifier pool when given; `functions` (rewards.functions.resolve) replaces
+  config.reward.functions."""
   check_eval_config(c)
   location = locate_checkpoint(checkpoint)
   paths = parse_eval_sets(c.eval.sets)
@@ -249,8 +256,7 @@ def run_evaluation(c, checkpoint: str | pathlib.Path, *, score: ScoreFn | None =
     raise EvalInputError("nothing to evaluate: give --sets name=path.jsonl,... (or config.eval.sets)")
   with contextlib.ExitStack() as stack:
     if score is None:
-      score = stack.enter_context(VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
-                                               fallback=c.reward.fallback)).score
+      score = stack.enter_context(builders.build_reward_pool(c, functions)).scorer(c.data.prompt_format)
     sets = {**read_file_sets(paths, c, score), **builtin}  # before the model: a bad file fails fast
     mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
     policy, tokenizer_dir = load_policy(location, c, mesh)

@@ -22,7 +22,7 @@ from p2o_jax.evaluation import EvalProtocol, builtin_sets, evaluate_set, parse_e
 from p2o_jax.models.tokenizer import load_tokenizer
 from p2o_jax.p2o.hooks import P2OHooks
 from p2o_jax.preflight import check_chat_template, check_verifier, check_writable_dir
-from p2o_jax.rewards.pool import VerifierPool
+from p2o_jax.rewards.functions import RewardEntry
 from p2o_jax.rl.trainer import Trainer, TrainerHooks
 from p2o_jax.run_dir import RunDir
 
@@ -79,17 +79,19 @@ def evaluate_search_bests(checkpoint: pathlib.Path, c: ml_collections.ConfigDict
   return [{**best, "accuracy": accuracy[best["template"]]} for best in bests]
 
 
-def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None, *,
-                 rebuild_base: bool = False) -> dict[str, Any]:
+def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None, *, rebuild_base: bool = False,
+                 reward_functions: str | list[RewardEntry] | None = None) -> dict[str, Any]:
+  """Train as configured; `reward_functions` (names, import paths, module-level functions, each optionally with a
+  weight, see rewards/functions.py) replaces config.reward.functions."""
   validate(c, jax.device_count())
   validate_distributed(c, jax.process_count())  # a count JAX detected itself (TPU slice, SLURM) is only known now
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
   train, eval_sets = load_data(c)
-  with VerifierPool(num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
-                    fallback=c.reward.fallback) as verifier:
+  with builders.build_reward_pool(c, reward_functions) as pool:
+    score = pool.scorer(c.data.prompt_format)
     checkpoint = None if rebuild_base else policy_checkpoint(c)
     # A base still to build is the built-in policy, whose tokenizer is the character tokenizer.
-    preflight(c, train, verifier.score, load_tokenizer(checkpoint) if checkpoint else build_char_tokenizer())
+    preflight(c, train, score, load_tokenizer(checkpoint) if checkpoint else build_char_tokenizer())
     if checkpoint is None:  # the explicit, announced step: minutes of SFT (the demo's base ships built)
       checkpoint = build_builtin_base(c, rebuilding=rebuild_base)
     policy = builders.build_policy(c, checkpoint, mesh)
@@ -100,13 +102,13 @@ def run_training(c: ml_collections.ConfigDict, hooks: TrainerHooks | None = None
     if c.p2o.enabled and hooks is None:
       hooks = P2OHooks(c)
     start = time.perf_counter()
-    trainer = Trainer(c, policy=policy, train_queries=train, eval_sets=eval_sets, score=verifier.score, hooks=hooks)
+    trainer = Trainer(c, policy=policy, train_queries=train, eval_sets=eval_sets, score=score, hooks=hooks)
     history = trainer.run()
     wall_seconds = time.perf_counter() - start
     if c.eval.base_with_template and eval_sets:
       # The efficiency's reference is the best ANY search found, not the last search's best (often a weaker clause:
       # the last search runs on what the trained policy still fails).
-      history["base_with_search_bests"] = evaluate_search_bests(checkpoint, c, mesh, eval_sets, verifier.score)
+      history["base_with_search_bests"] = evaluate_search_bests(checkpoint, c, mesh, eval_sets, score)
       history["base_with_best_template"] = report.best_with_template(history["base_with_search_bests"])
   if jax.process_index() == 0:
     run_dir = RunDir.from_config(c)

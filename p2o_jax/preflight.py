@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Callable, Sequence
-
-import numpy as np
+from collections.abc import Sequence
 
 from p2o_jax.data.records import Query
 from p2o_jax.models.tokenizer import chat_prompt_ids
+from p2o_jax.rewards.functions import ScoreFn, as_scores
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +42,17 @@ def check_chat_template(tokenizer, user_turns: Sequence[str]) -> None:
     raise PreflightError("the chat template rendered a prompt to zero tokens")
 
 
-def check_verifier(score: Callable[[Sequence[str], Sequence[str]], np.ndarray], queries: Sequence[Query]) -> None:
-  """Score each query's own answer, boxed, through the reward pool: the workers start, import and answer.
+def check_verifier(score: ScoreFn, queries: Sequence[Query]) -> None:
+  """Score each query's own answer, boxed, through the reward pool: the workers start, import and answer, and every
+  reward function shows the shape and type of what it returns (a wrong one is an error here, in seconds).
 
-  A reference the verifier does not accept as equal to itself is only warned about (the data may use a grader that
-  reads answers differently); a pool that cannot score at all is an error.
+  A reference the correctness reward does not accept as equal to itself is only warned about (the data may use a
+  grader that reads answers differently); a pool that cannot score at all is an error.
   """
   if not queries:
     return
   try:
-    rewards = score([f"\\boxed{{{q.answer}}}" for q in queries], [q.answer for q in queries])
+    rewards = as_scores(score([f"\\boxed{{{q.answer}}}" for q in queries], queries), len(queries)).correctness
   except Exception as e:  # pylint: disable=broad-except
     raise PreflightError(f"the reward pool cannot score: {type(e).__name__}: {e}") from e
   rejected = [q.id for q, r in zip(queries, rewards) if r != 1.0]

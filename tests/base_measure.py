@@ -12,7 +12,7 @@ from conftest import DEMO_CONFIG
 from p2o_jax import sharding
 from p2o_jax.config import load_config_file
 from p2o_jax.experiment import evaluate_with_templates, load_data
-from p2o_jax.rewards.pool import VerifierPool
+from p2o_jax.builders import build_reward_pool
 
 
 @contextlib.contextmanager
@@ -21,7 +21,8 @@ def base_measurer(checkpoint: pathlib.Path):
   c = load_config_file(DEMO_CONFIG)
   _, eval_sets = load_data(c)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-  with VerifierPool(num_workers=1, timeout_s=c.reward.timeout_s, fallback=c.reward.fallback) as verifier:
+  c.reward.num_workers = 1
+  with build_reward_pool(c) as pool:
 
     @functools.cache
     def measure(template: str, sampled: bool = False) -> dict[str, float]:
@@ -30,6 +31,7 @@ def base_measurer(checkpoint: pathlib.Path):
         run_config.eval.small_set_size = 10**6
         run_config.eval.small_set_samples = c.rollout.num_samples
         run_config.eval.temperature = c.rollout.temperature
-      return evaluate_with_templates(checkpoint, run_config, mesh, eval_sets, [template], verifier.score)[0]
+      return evaluate_with_templates(checkpoint, run_config, mesh, eval_sets, [template],
+                                     pool.scorer(c.data.prompt_format))[0]
 
     yield measure

@@ -21,15 +21,15 @@ import numpy as np
 K = 4
 
 
-def synthetic_score(texts, answers):
+def synthetic_score(texts, queries):
   """About a third of all responses 'solve' their query, deterministically (see tests/test_p2o_e2e.py)."""
-  return np.asarray([hashlib.sha256(f"{t}|{a}".encode()).digest()[0] % 3 == 0 for t, a in zip(texts, answers)],
+  return np.asarray([hashlib.sha256(f"{t}|{a}".encode()).digest()[0] % 3 == 0 for t, a in zip(texts, (q.answer for q in queries))],
                     np.float32)
 
 
-def timed_out_score(texts, answers):
+def timed_out_score(texts, queries):
   """A verifier on which every item timed out (scored 0), where `synthetic_score` solves about a third."""
-  del answers
+  del queries
   return np.zeros(len(texts), np.float32)
 
 

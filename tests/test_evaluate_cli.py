@@ -69,12 +69,17 @@ def both_sets(files) -> str:
   return f"small={files['small']},large={files['large']}"
 
 
+def on_answers(score):
+  """A (responses, references) stand-in as the evaluation calls a score function: (responses, queries)."""
+  return lambda responses, queries: score(responses, [q.answer for q in queries])
+
+
 def demo_verifier_score(responses, references) -> np.ndarray:
   """The verifier pool's function called directly, with configs/demo_cpu.py's fallback."""
   return np.asarray([math_reward(r, a, "last_number") for r, a in zip(responses, references)], np.float32)
 
 
-def independent_accuracy(model, tokenizer, rows, question_field: str, score=parity_score) -> tuple[float, list[str]]:
+def independent_accuracy(model, tokenizer, rows, question_field: str, score=on_answers(parity_score)) -> tuple[float, list[str]]:
   """Accuracy of `rows` by hand: protocol chosen here from the set size, one sampler call, scores averaged."""
   small = len(rows) < SMALL_SET_SIZE
   cfg, n = (SamplingConfig(MAX_NEW, temperature=TEMPERATURE), SAMPLES) if small else (SamplingConfig(MAX_NEW, 0.0), 1)
@@ -119,7 +124,7 @@ def test_builtin_splits_are_the_ones_training_evaluates():
 @pytest.mark.slow
 def test_hf_directory_matches_an_independent_computation(files):
   c = make_config(files, both_sets(files))
-  results = evaluation.run_evaluation(c, files["policy"], score=parity_score)
+  results = evaluation.run_evaluation(c, files["policy"], score=on_answers(parity_score))
   model, tokenizer = load_hf_model(files["policy"]), load_tokenizer(files["policy"])
   small, _ = independent_accuracy(model, tokenizer, SMALL_ROWS, "question")
   large, _ = independent_accuracy(model, tokenizer, LARGE_ROWS, "problem")
@@ -181,7 +186,7 @@ def test_orbax_locations_restore_that_steps_params(files, orbax_run, where, step
 def test_orbax_run_evaluates_the_checkpoint_params_not_the_hf_ones(files, orbax_run):
   run_dir, perturbed = orbax_run
   c = make_config(files, f"large={files['large']}")
-  results = evaluation.run_evaluation(c, run_dir, score=parity_score)
+  results = evaluation.run_evaluation(c, run_dir, score=on_answers(parity_score))
   assert results["checkpoint_kind"] == "orbax" and results["orbax_step"] == 2
   base = load_hf_model(files["policy"])
   graphdef, _ = nnx.split(base)
@@ -231,7 +236,7 @@ def test_bad_inputs_raise_errors_that_name_them(files, tmp_path):
   (tmp_path / "set.txt").write_text("{}")
   for sets, checkpoint, error, message in cases:
     with pytest.raises(error, match=message) as caught:
-      evaluation.run_evaluation(make_config(files, sets), checkpoint, score=parity_score, include_builtin=False)
+      evaluation.run_evaluation(make_config(files, sets), checkpoint, score=on_answers(parity_score), include_builtin=False)
     assert "\n" not in str(caught.value)
 
 

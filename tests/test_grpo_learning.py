@@ -46,7 +46,7 @@ def test_grpo_raises_accuracy_on_one_digit_sums(tmp_path):
   with VerifierPool(num_workers=2, timeout_s=5.0, fallback="last_number") as verifier:
     policy = Policy(weak_policy(tokenizer), tokenizer, mesh=sharding.make_mesh({}),
                     max_prompt_len=c.rollout.max_prompt_len)
-    trainer = Trainer(c, policy=policy, train_queries=TASK, eval_sets={"sums": TASK}, score=verifier.score)
+    trainer = Trainer(c, policy=policy, train_queries=TASK, eval_sets={"sums": TASK}, score=verifier.scorer(c.data.prompt_format))
     history = trainer.run()
   before, after = history["eval_at_start"]["eval/sums/accuracy"], history["eval_at_end"]["eval/sums/accuracy"]
   assert before < 0.3, before  # mean@16 at T=0.6: the set has fewer than 100 problems

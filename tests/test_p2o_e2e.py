@@ -27,10 +27,10 @@ from p2o_jax.sampling import SamplingConfig
 K = 4
 
 
-def synthetic_score(texts, answers):
+def synthetic_score(texts, queries):
   """A deterministic stand-in verifier: about a third of all responses 'solve' their query. It lets a random tiny
   policy have hard and non-hard queries, and templates that change which ones are solved, so every P^2O path runs."""
-  return np.asarray([hashlib.sha256(f"{t}|{a}".encode()).digest()[0] % 3 == 0 for t, a in zip(texts, answers)],
+  return np.asarray([hashlib.sha256(f"{t}|{a}".encode()).digest()[0] % 3 == 0 for t, a in zip(texts, (q.answer for q in queries))],
                     np.float32)
 
 

@@ -46,7 +46,14 @@ def test_a_chat_template_that_cannot_render_is_a_preflight_error():
 
 def test_the_verifier_pool_scores_each_reference_against_itself():
   with VerifierPool(num_workers=1) as pool:
-    check_verifier(pool.score, QUERIES)
+    check_verifier(pool.scorer("{question}"), QUERIES)
+
+
+def test_a_reward_function_of_the_wrong_shape_fails_the_preflight_in_one_line():
+  with VerifierPool(num_workers=1, functions="equivalence, reward_fns:two_values") as pool:
+    with pytest.raises(PreflightError, match="RewardFunctionError: reward function 'reward_fns:two_values' returned "
+                                             r"list \[1.0, 0.0\] for 1 completion"):
+      check_verifier(pool.scorer("{question}"), QUERIES)
 
 
 def test_a_verifier_that_cannot_score_is_an_error_and_one_that_rejects_references_a_warning(caplog):

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from p2o_jax.rewards.equivalence import math_reward
+from p2o_jax.rewards.functions import RewardFunction
 from p2o_jax.rewards.pool import VerifierPool
 
 PWNED = pathlib.Path("/tmp/p2o_pwned")
 # This module is importable in the workers (multiprocessing hands them our sys.path), so its functions can score.
-SLEEPY_SCORE_FN = f"{__name__}:sleepy_or_greedy_reward"
+SLEEPY = (RewardFunction("sleepy", f"{__name__}:sleepy_or_greedy_reward", grader=True),)
 
 
 def sleepy_or_greedy_reward(response: str, reference: str, fallback: str) -> float:
@@ -73,7 +74,7 @@ def test_slow_item_times_out_while_others_finish(caplog):
   responses = ["\\boxed{1}", "SLEEP", "\\boxed{2}", "\\boxed{3}", "\\boxed{5}"]
   references = ["1", "1", "2", "4", "5"]
   with caplog.at_level(logging.WARNING, logger="p2o_jax.rewards.pool"):
-    with VerifierPool(num_workers=2, timeout_s=1.0, score_fn=SLEEPY_SCORE_FN) as pool:
+    with VerifierPool(num_workers=2, timeout_s=1.0, functions=SLEEPY) as pool:
       np.testing.assert_array_equal(pool.score(responses, references), [1.0, 0.0, 1.0, 0.0, 1.0])
       assert (pool.stats.timeouts, pool.stats.scored, pool.stats.workers_restarted) == (1, 4, 1)
       np.testing.assert_array_equal(pool.score(["\\boxed{8}"], ["8"]), [1.0])
@@ -84,7 +85,7 @@ def test_slow_item_times_out_while_others_finish(caplog):
 
 def test_worker_killed_mid_item_is_replaced(tmp_path):
   marker = tmp_path / "started"
-  with VerifierPool(num_workers=1, timeout_s=30.0, score_fn=SLEEPY_SCORE_FN) as pool:
+  with VerifierPool(num_workers=1, timeout_s=30.0, functions=SLEEPY) as pool:
     killer = threading.Thread(target=_kill_when_started, args=(marker,))
     killer.start()
     rewards = pool.score([f"SLEEP {marker}", "\\boxed{2}"], ["1", "2"])
@@ -95,7 +96,7 @@ def test_worker_killed_mid_item_is_replaced(tmp_path):
 
 
 def test_memory_cap_turns_a_huge_allocation_into_a_zero():
-  with VerifierPool(num_workers=1, timeout_s=5.0, memory_limit_mb=512, score_fn=SLEEPY_SCORE_FN) as pool:
+  with VerifierPool(num_workers=1, timeout_s=5.0, memory_limit_mb=512, functions=SLEEPY) as pool:
     np.testing.assert_array_equal(pool.score(["ALLOC", "\\boxed{4}"], ["1", "4"]), [0.0, 1.0])
     assert (pool.stats.errors, pool.stats.worker_crashes) == (1, 0)
 
@@ -114,7 +115,7 @@ def test_parallel_scoring_of_200_items_with_recycling():
 def test_items_run_concurrently_across_workers(tmp_path):
   first, second = tmp_path / "first", tmp_path / "second"
   # Each item waits for the other's marker: both score 1 only if two workers hold them at the same time.
-  with VerifierPool(num_workers=2, timeout_s=20.0, score_fn=SLEEPY_SCORE_FN) as pool:
+  with VerifierPool(num_workers=2, timeout_s=20.0, functions=SLEEPY) as pool:
     rewards = pool.score([f"MEET {first} {second}", f"MEET {second} {first}"], ["", ""])
   np.testing.assert_array_equal(rewards, [1.0, 1.0])
 
@@ -137,8 +138,9 @@ def test_close_reaps_workers_and_refuses_new_work():
     ({"num_workers": 0}, "num_workers"),
     ({"timeout_s": 0.0}, "timeout_s"),
     ({"memory_limit_mb": 16}, "memory_limit_mb"),
-    ({"score_fn": "os.system"}, "score_fn"),
-    ({"score_fn": "p2o_jax.rewards.equivalence:no_such_function"}, "no_such_function"),
+    ({"functions": "os.system"}, "unknown reward function 'os.system'"),
+    ({"functions": "p2o_jax.rewards.equivalence:no_such_function"}, "no_such_function"),
+    ({"functions": "math=heavy"}, "weight 'heavy' of 'math' is not a number"),
   ],
 )
 def test_bad_configuration_is_a_one_line_error(kwargs, message):

@@ -10,15 +10,15 @@ otherwise split the search (accepts, dev scores, the best template) and the coll
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 
 from p2o_jax import distributed
 from p2o_jax.data.records import Query
 from p2o_jax.p2o.records import Rollout
 from p2o_jax.p2o.templates import feedback_text
 from p2o_jax.policy import Policy
+from p2o_jax.rewards.functions import ScoreFn
 from p2o_jax.sampling import SamplingConfig
 
 
@@ -26,7 +26,7 @@ class PolicyEvaluator:
   """Greedy rollouts of (template, hard-set index) pairs with the current (frozen) policy."""
 
   def __init__(self, policy: Policy, hard_set: Sequence[Query], prompt_format: str, max_new_tokens: int,
-               score: Callable[[Sequence[str], Sequence[str]], np.ndarray]):
+               score: ScoreFn):
     self.policy, self.hard_set = policy, hard_set
     self.prompt_format, self.score = prompt_format, distributed.scored_on_process_zero(score)
     self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -38,8 +38,9 @@ class PolicyEvaluator:
     start = time.perf_counter()
     turns = [self.prompt_format.format(question=self.hard_set[i].question) for _, i in requests]
     out = self.policy.generate(turns, self.sampling, templates=[t for t, _ in requests])
-    answers = [self.hard_set[i].answer for _, i in requests]
-    rewards = self.score(out.texts, answers)
+    queries = [self.hard_set[i] for _, i in requests]
+    answers = [q.answer for q in queries]
+    rewards = self.score(out.texts, queries)
     self.calls += 1
     self.seconds += time.perf_counter() - start
     return [Rollout(score=float(r), output=t, feedback=feedback_text(r > 0, a))

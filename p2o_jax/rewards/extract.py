@@ -39,6 +39,11 @@ def extract_answer(text: str, fallback: str = "none") -> str | None:
   return answer
 
 
+def count_boxes(text: str) -> int:
+  """How many `\\boxed` / `\\fbox` commands the scanned tail of `text` holds (well-formed or not)."""
+  return len(_BOX_RE.findall(text[-MAX_SCAN_CHARS:]))
+
+
 def _matching_braces(text: str) -> dict[int, int]:
   """Map the index of every grouping `{` to its matching `}` in one pass; `\\{` and `\\}` are literal braces."""
   matches: dict[int, int] = {}

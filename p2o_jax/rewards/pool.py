@@ -1,5 +1,8 @@
 """A small process pool that scores untrusted model responses: per-item timeouts, memory caps, crash recovery.
 
+Each item is one completion with its prompt and dataset columns, scored by every reward function of the run
+(functions.py); the pool returns each function's values and their weighted total.
+
 Not multiprocessing.Pool: a hung or crashing item must cost only its own slot. The parent hands one item at a time to
 each worker over a pipe and waits with a per-item deadline; on a timeout or a dead worker it SIGKILLs and replaces
 that worker and scores the item 0, while the other workers keep going. Workers come from the "forkserver" context:
@@ -16,30 +19,29 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import json
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import re
 import resource
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from p2o_jax.rewards.extract import check_fallback
+from p2o_jax.rewards.functions import RewardFunction, RewardFunctionError, RewardScores, ScoreFn, query_columns, \
+  resolve, score_item, weighted_total
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCORE_FN = "p2o_jax.rewards.equivalence:math_reward"
+DEFAULT_FUNCTIONS = "math"
 _STARTUP_TIMEOUT_S = 60.0
 _MIN_MEMORY_MB = 256
 _READY = "ready"
-_MAX_REPLY_BYTES = 4096
-_FUNCTION_PATH_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_MAX_REPLY_BYTES = 65536
 
 
 @dataclasses.dataclass
@@ -49,7 +51,7 @@ class PoolStats(Mapping):
   scored: int = 0  # items the score function finished (right or wrong)
   timeouts: int = 0  # items killed at their deadline, scored 0
   worker_crashes: int = 0  # workers that died on their own or were killed externally
-  errors: int = 0  # items whose score function raised, scored 0
+  errors: int = 0  # (item, function) pairs where the function raised or returned a wrong type, scored 0
   workers_restarted: int = 0  # replacements for any reason: timeout, crash, or recycling after max_tasks_per_worker
 
   def __getitem__(self, name: str) -> int:
@@ -82,8 +84,10 @@ class _Worker:
 
 
 class VerifierPool:
-  """Score (response, reference) pairs in worker processes; `score_fn` is "module:function" taking
-  (response, reference, fallback) -> float, importable in a fresh interpreter (tests inject slow functions this way).
+  """Score completions in worker processes with `functions` (functions.resolve: a config string such as
+  "math=1, boxed_format=0.1", or RewardFunctions); tests inject slow or crashing functions by import path.
+  A function returning the wrong shape or type in the pool's first batch is a RewardFunctionError (a bug to fix
+  before training); later, that completion's value is a counted, logged 0.
   """
 
   def __init__(
@@ -93,20 +97,21 @@ class VerifierPool:
     max_tasks_per_worker: int = 200,
     memory_limit_mb: int = 1024,
     fallback: str = "none",
-    score_fn: str = DEFAULT_SCORE_FN,
+    functions: str | Sequence[RewardFunction] = DEFAULT_FUNCTIONS,
   ):
     _check_positive(num_workers=num_workers, timeout_s=timeout_s, max_tasks_per_worker=max_tasks_per_worker)
     if memory_limit_mb < _MIN_MEMORY_MB:
       raise ValueError(f"memory_limit_mb={memory_limit_mb} is too small for a worker with sympy (>= {_MIN_MEMORY_MB})")
     check_fallback(fallback)
-    _load_function(score_fn)  # a typo fails here, in the caller, not in every worker
+    self.functions = resolve(functions) if isinstance(functions, str) else tuple(functions)
     self._timeout_s = float(timeout_s)
     self._max_tasks = max_tasks_per_worker
-    self._worker_args = (score_fn, fallback, memory_limit_mb, self._timeout_s)
+    self._worker_args = (self.functions, fallback, memory_limit_mb, self._timeout_s)
     self._context = multiprocessing.get_context("forkserver")
     # Only takes effect if this process has not started its fork server yet; otherwise workers import on start.
-    self._context.set_forkserver_preload(_forkserver_preload(score_fn))
+    self._context.set_forkserver_preload(_forkserver_preload(self.functions))
     self.stats = PoolStats()
+    self._batches_done = 0
     self._workers: list[_Worker] = []
     try:
       for _ in range(num_workers):
@@ -127,17 +132,36 @@ class VerifierPool:
     return tuple(worker.process.pid for worker in self._workers)
 
   def score(self, responses: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """Rewards, float32 of len(responses); items that time out, crash their worker or raise score 0."""
+    """Total rewards, float32 of len(responses), with only each reference as the row's columns ({"answer": ref})."""
     if len(responses) != len(references):
       raise ValueError(f"got {len(responses)} responses but {len(references)} references")
+    return self.score_rows(responses, [""] * len(responses), [{"answer": r} for r in references]).total
+
+  def scorer(self, prompt_format: str) -> ScoreFn:
+    """score(completions, queries): each completion's prompt is its query's plain user turn (never the template)."""
+
+    def score(completions: Sequence[str], queries: Sequence) -> RewardScores:
+      prompts = [prompt_format.format(question=q.question) for q in queries]
+      return self.score_rows(completions, prompts, [query_columns(q) for q in queries])
+
+    return score
+
+  def score_rows(self, completions: Sequence[str], prompts: Sequence[str],
+                 columns: Sequence[Mapping[str, object]]) -> RewardScores:
+    """Every function's values and the weighted totals; items that time out or crash their worker score 0."""
+    if not len(completions) == len(prompts) == len(columns):
+      raise ValueError(f"got {len(completions)} completions, {len(prompts)} prompts, {len(columns)} column rows")
     if not self._workers:
       raise ValueError("VerifierPool is closed")
-    rewards = np.zeros(len(responses), np.float32)
-    pending = collections.deque(range(len(responses)))
+    values_nf = np.zeros((len(completions), len(self.functions)), np.float64)
+    items = list(zip(completions, prompts, columns))
+    pending = collections.deque(range(len(items)))
     while pending or any(worker.item is not None for worker in self._workers):
-      self._dispatch(pending, responses, references)
-      self._wait_and_collect(rewards)
-    return rewards
+      self._dispatch(pending, items)
+      self._wait_and_collect(values_nf)
+    self._batches_done += 1
+    by_function = {f.name: values_nf[:, i].astype(np.float32) for i, f in enumerate(self.functions)}
+    return RewardScores(weighted_total(self.functions, values_nf), by_function)
 
   def close(self) -> None:
     """Kill and reap every worker; idempotent."""
@@ -146,20 +170,20 @@ class VerifierPool:
     self._workers = []
 
   # --- scheduling ---
-  def _dispatch(self, pending: collections.deque, responses: Sequence[str], references: Sequence[str]) -> None:
+  def _dispatch(self, pending: collections.deque, items: Sequence[tuple]) -> None:
     for slot, worker in enumerate(self._workers):
       if not pending or not worker.ready or worker.item is not None:
         continue
       index = pending.popleft()
       try:
-        worker.conn.send((index, responses[index], references[index]))
+        worker.conn.send((index, *items[index]))
       except OSError:  # it died while idle: the item never reached it, so give it to the next worker
         pending.appendleft(index)
         self._on_crash(slot, item=None)
         continue
       worker.item, worker.deadline = index, time.monotonic() + self._timeout_s
 
-  def _wait_and_collect(self, rewards: np.ndarray) -> None:
+  def _wait_and_collect(self, values_nf: np.ndarray) -> None:
     watched = [worker for worker in self._workers if worker.waited_on]
     if not watched:
       return
@@ -168,13 +192,13 @@ class VerifierPool:
     ready = set(multiprocessing.connection.wait(handles, wait_s))
     for slot, worker in enumerate(self._workers):
       if worker.conn in ready or worker.process.sentinel in ready:
-        self._on_event(slot, rewards)
+        self._on_event(slot, values_nf)
     now = time.monotonic()
     for slot, worker in enumerate(self._workers):
       if worker.waited_on and now >= worker.deadline:
         self._on_deadline(slot)
 
-  def _on_event(self, slot: int, rewards: np.ndarray) -> None:
+  def _on_event(self, slot: int, values_nf: np.ndarray) -> None:
     worker = self._workers[slot]
     try:
       reply = json.loads(worker.conn.recv_bytes(_MAX_REPLY_BYTES)) if worker.conn.poll() else None
@@ -182,20 +206,23 @@ class VerifierPool:
       reply = None
     if reply == _READY and not worker.ready:
       worker.ready, worker.deadline = True, math.inf
-    elif _is_reply_for(reply, worker.item):
-      self._record(slot, reply, rewards)
+    elif _is_reply_for(reply, worker.item, len(self.functions)):
+      self._record(slot, reply, values_nf)
     else:  # its sentinel fired with nothing to read, or it broke the protocol: either way it is not trusted again
       self._on_crash(slot, item=worker.item)
 
-  def _record(self, slot: int, reply: list, rewards: np.ndarray) -> None:
+  def _record(self, slot: int, reply: list, values_nf: np.ndarray) -> None:
     worker = self._workers[slot]
-    index, reward, error = reply
-    if error:
-      self.stats.errors += 1
-      logger.warning("verifier item %d: score function raised %s; scored 0", index, error)
-    else:
-      self.stats.scored += 1
-      rewards[index] = reward if math.isfinite(reward) else 0.0
+    index, values, errors = reply
+    for i, (function, value, error) in enumerate(zip(self.functions, values, errors)):
+      if error.startswith("shape: ") and self._batches_done == 0:
+        self.close()
+        raise RewardFunctionError(error.removeprefix("shape: "))
+      if error:
+        self.stats.errors += 1
+        logger.warning("verifier item %d: reward function %r failed (%s); scored 0", index, function.name, error)
+      values_nf[index, i] = math.nan if value is None else value if math.isfinite(value) else 0.0
+    self.stats.scored += 1
     worker.item, worker.deadline = None, math.inf
     worker.tasks_done += 1
     if worker.tasks_done >= self._max_tasks:
@@ -218,7 +245,7 @@ class VerifierPool:
     if not worker.ready:
       self.close()
       code = worker.process.exitcode
-      raise RuntimeError(f"verifier worker exited during startup (exit code {code}); check score_fn, memory_limit_mb")
+      raise RuntimeError(f"verifier worker exited during startup (exit code {code}); check the reward functions and memory_limit_mb")
     self.stats.worker_crashes += 1
     doing = "idle" if item is None else f"scoring item {item}"
     pid, code = worker.process.pid, worker.process.exitcode
@@ -240,12 +267,13 @@ class VerifierPool:
     return _Worker(process, parent_conn, deadline=time.monotonic() + _STARTUP_TIMEOUT_S)
 
 
-def _forkserver_preload(score_fn: str) -> list[str]:
+def _forkserver_preload(functions: Sequence[RewardFunction]) -> list[str]:
   """Modules the fork server imports once, so that a new worker is a cheap fork. The caller's main module is left
   out on purpose: multiprocessing re-runs it in each child as `__mp_main__`, and an entry point (ours is
   p2o_jax.main) must stay cheap and import-safe for that rather than being imported twice under two names.
   """
-  return [__name__, score_fn.split(":")[0]]
+  modules = [f.target.split(":")[0] if isinstance(f.target, str) else f.target.__module__ for f in functions]
+  return list(dict.fromkeys([__name__, *(m for m in modules if m != "__main__")]))
 
 
 def _check_positive(**values: float) -> None:
@@ -254,14 +282,17 @@ def _check_positive(**values: float) -> None:
       raise ValueError(f"{name} must be positive, got {value!r}")
 
 
-def _is_reply_for(reply: object, item: int | None) -> bool:
+def _is_reply_for(reply: object, item: int | None, num_functions: int) -> bool:
   return (
     isinstance(reply, list)
     and len(reply) == 3
     and item is not None
     and reply[0] == item
-    and isinstance(reply[1], float)
-    and isinstance(reply[2], str)
+    and isinstance(reply[1], list)
+    and isinstance(reply[2], list)
+    and len(reply[1]) == len(reply[2]) == num_functions
+    and all(v is None or isinstance(v, float) for v in reply[1])
+    and all(isinstance(e, str) for e in reply[2])
   )
 
 
@@ -273,23 +304,17 @@ def _kill(worker: _Worker) -> None:
   worker.conn.close()
 
 
-def _load_function(path: str) -> Callable[[str, str, str], float]:
-  if not _FUNCTION_PATH_RE.fullmatch(path):
-    raise ValueError(f"score_fn must look like 'package.module:function', got {path!r}")
-  module_name, function_name = path.split(":")
-  function = getattr(importlib.import_module(module_name), function_name, None)
-  if not callable(function):
-    raise ValueError(f"score_fn {path!r} does not name a function")
-  return function
-
-
 # --- the worker process ---
 def _worker_main(
-  conn: multiprocessing.connection.Connection, score_fn: str, fallback: str, memory_limit_mb: int, timeout_s: float
+  conn: multiprocessing.connection.Connection,
+  functions: Sequence[RewardFunction],
+  fallback: str,
+  memory_limit_mb: int,
+  timeout_s: float,
 ) -> None:
-  """Loop until the parent goes away: receive (index, response, reference), reply [index, reward, error type name]."""
+  """Loop until the parent goes away: receive (index, completion, prompt, columns), reply [index, values, errors]."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then closes the pool
-  function = _load_function(score_fn)
+  loaded = [(function, function.load()) for function in functions]
   # The cap is on top of what the worker already maps: its parent's imports (JAX, say) must not eat the budget.
   memory_bytes = _within_hard_limit(resource.RLIMIT_AS, _address_space_bytes() + memory_limit_mb * 2**20)
   resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -299,13 +324,10 @@ def _worker_main(
       task = conn.recv()
     except EOFError:
       return
-    index, response, reference = task
+    index, completion, prompt, columns = task
     _limit_cpu_for_next_item(timeout_s)
-    try:
-      reply = [index, float(function(response, reference, fallback)), ""]
-    except Exception as error:  # any failure on untrusted input is a 0, reported by type name only
-      reply = [index, 0.0, type(error).__name__]
-    conn.send_bytes(json.dumps(reply).encode())
+    values, errors = score_item(loaded, completion, prompt, columns, fallback)
+    conn.send_bytes(json.dumps([index, values, errors]).encode())
 
 
 def _limit_cpu_for_next_item(timeout_s: float) -> None:

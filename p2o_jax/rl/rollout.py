@@ -9,11 +9,13 @@ uses the query for both. P^2O generates hard queries' rows from templated turns 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from p2o_jax.data.records import Query
 from p2o_jax.policy import Policy
+from p2o_jax.rewards.functions import RewardScores, ScoreFn, as_scores
 from p2o_jax.sampling import SamplingConfig, default_buckets, round_up_to_bucket
 
 
@@ -35,11 +37,16 @@ class Rollouts:
   tokens: np.ndarray  # (rows, max_new) int32
   mask: np.ndarray  # (rows, max_new) bool
   sampler_logp: np.ndarray  # (rows, max_new): log-probs under the GENERATION context
-  rewards: np.ndarray  # (rows,) float32
+  rewards: np.ndarray  # (rows,) float32: the weighted sum of the reward functions
+  reward_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # function name -> (rows,), NaN = None
 
   @property
   def num_rows(self) -> int:
     return len(self.texts)
+
+  def correct(self) -> np.ndarray:
+    """Per row: whether the correctness reward (the first reward function) is positive."""
+    return RewardScores(self.rewards, self.reward_terms).correctness > 0
 
   def is_templated(self) -> np.ndarray:
     return np.asarray([g != t for g, t in zip(self.generate_prompt_ids, self.train_prompt_ids)])
@@ -50,20 +57,19 @@ def plain_contexts(user_turns: Sequence[str], group_size: int) -> RowContexts:
   return RowContexts(generate=rows, train=list(rows))
 
 
-def collect_rollouts(policy: Policy, contexts: RowContexts, answers: Sequence[str], group_size: int,
-                     sampling: SamplingConfig, seed, score: Callable[[Sequence[str], Sequence[str]], np.ndarray]
-                     ) -> Rollouts:
-  """Sample one response per row in a single call and score it against the row's query answer.
+def collect_rollouts(policy: Policy, contexts: RowContexts, queries: Sequence[Query], group_size: int,
+                     sampling: SamplingConfig, seed, score: ScoreFn) -> Rollouts:
+  """Sample one response per row in a single call and score it against the row's query.
 
   The rows are this process's share of the step's global batch (one process-local sampler call over all processes).
   """
   out = policy.generate(contexts.generate, sampling, seed=seed, process_local=True)
   train_ids = out.prompt_ids if contexts.train == contexts.generate else policy.prompt_ids(contexts.train)
-  row_answers = [a for a in answers for _ in range(group_size)]
-  rewards = np.asarray(score(out.texts, row_answers), np.float32)
-  return Rollouts(group_size=group_size, answers=row_answers, texts=out.texts, generate_prompt_ids=out.prompt_ids,
-                  train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask, sampler_logp=out.logprobs,
-                  rewards=rewards)
+  row_queries = [q for q in queries for _ in range(group_size)]
+  scores = as_scores(score(out.texts, row_queries), len(row_queries))
+  return Rollouts(group_size=group_size, answers=[q.answer for q in row_queries], texts=out.texts,
+                  generate_prompt_ids=out.prompt_ids, train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask,
+                  sampler_logp=out.logprobs, rewards=scores.total, reward_terms=scores.by_function)
 
 
 def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:

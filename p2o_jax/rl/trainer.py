@@ -32,6 +32,7 @@ from p2o_jax.evaluation import EvalProtocol, evaluate_set
 from p2o_jax.metrics import MetricsWriter, Progress
 from p2o_jax.models.hf_checkpoint import save_hf_model
 from p2o_jax.policy import Policy
+from p2o_jax.rewards.functions import RewardScores, ScoreFn
 from p2o_jax.rl.advantages import advantage_estimator
 from p2o_jax.rl.dynamic_sampling import refill_flat_groups
 from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, packed_lengths, plain_contexts
@@ -39,7 +40,6 @@ from p2o_jax.run_dir import RunDir
 from p2o_jax.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
-ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +137,12 @@ class Trainer:
 
   def rollout(self, queries: Sequence[Query], seed) -> Rollouts:
     contexts = self.hooks.contexts(queries, self.user_turns(queries), self.c.rollout.num_samples)
-    return collect_rollouts(self.policy, contexts, [q.answer for q in queries], self.c.rollout.num_samples,
-                            self.sampling, seed, self._timed_score)
+    return collect_rollouts(self.policy, contexts, queries, self.c.rollout.num_samples, self.sampling, seed,
+                            self._timed_score)
 
-  def _timed_score(self, texts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+  def _timed_score(self, texts: Sequence[str], queries: Sequence[Query]) -> RewardScores | np.ndarray:
     start = time.perf_counter()
-    rewards = self.score(texts, answers)
+    rewards = self.score(texts, queries)
     self._verify_seconds += time.perf_counter() - start
     return rewards
 
@@ -322,12 +322,19 @@ def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
 def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
   """Means over the global batch: every process's rows are gathered (groups stay whole: K rows of one process)."""
   k = rollouts.group_size
-  per_row = np.stack([rollouts.rewards, rollouts.mask.sum(axis=1)], axis=1).astype(np.float32)
+  terms = list(rollouts.reward_terms.items())
+  per_row = np.stack([rollouts.rewards, rollouts.mask.sum(axis=1), rollouts.correct(), *(v for _, v in terms)],
+                     axis=1).astype(np.float32)
   gathered = distributed.concat_rows(per_row)
   rewards_gk, lengths = gathered[:, 0].reshape(-1, k), gathered[:, 1].astype(np.float64)
-  return {
+  correct_gk = gathered[:, 2].reshape(-1, k) > 0
+  metrics = {
       "rollout/reward_mean": float(rewards_gk.mean()),
-      f"rollout/pass_at_{k}": float((rewards_gk > 0).any(axis=1).mean()),
+      f"rollout/pass_at_{k}": float(correct_gk.any(axis=1).mean()),
       "rollout/zero_advantage_fraction": float((rewards_gk.max(axis=1) == rewards_gk.min(axis=1)).mean()),
       "rollout/response_length": float(lengths.mean()),
   }
+  for i, (name, _) in enumerate(terms):  # each function's mean over the rows it scored (None rows left out)
+    values = gathered[:, 3 + i]
+    metrics[f"reward/{name}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+  return metrics
