@@ -19,8 +19,10 @@ Protocol (evaluation.EvalProtocol, config.eval.*): sets below eval.small_set_siz
 eval.small_set_samples samples at eval.temperature ("mean@16 T=0.6"), larger sets one greedy sample ("greedy"). Prompts
 are config.data.prompt_format without any template; responses are scored by the sandboxed verifier pool.
 
-Output: a markdown table on stdout and a JSON file (default <workdir>/eval_results.json) with, per set, the accuracy
-(a fraction in [0, 1]), number of problems, samples per problem and protocol, plus the checkpoint and a config summary.
+Output: a markdown table on stdout (one row per set, then the unweighted average over sets, as the paper reports it),
+the same table in <workdir>/eval_report.md, each accuracy in <workdir>'s metrics.jsonl and TensorBoard, and a JSON file
+(default <workdir>/eval_results.json) with, per set, the accuracy (a fraction in [0, 1]), number of problems, samples
+per problem and protocol, plus the checkpoint and a config summary.
 Only process 0 prints and writes. Bad input (missing checkpoint, unreadable set, malformed --sets) is a one-line error.
 """
 
@@ -69,8 +71,9 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
     sys.exit(f"error: {one_line(e)}")
   if jax.process_index() == 0:
     path = evaluation.write_results(results, output or pathlib.Path(c.workdir) / evaluation.RESULTS_FILENAME)
+    report = evaluation.write_report(results, c.workdir)
     print(evaluation.render_table(results))
-    print(f"results: {path}")
+    print(f"results: {path}\nreport: {report} (and TensorBoard under {c.workdir})")
 
 
 def run() -> None:

@@ -26,12 +26,14 @@ from p2o_jax.cli import one_line
 from p2o_jax.config import ConfigError, builtin_world, reward_functions, validate
 from p2o_jax.data import arithmetic, seqio_tasks
 from p2o_jax.data.records import Query, read_queries
+from p2o_jax.metrics import MetricsWriter
 from p2o_jax.models.config import load_hf_config
 from p2o_jax.policy import Policy
 from p2o_jax.rewards.functions import ScoreFn, as_scores
 from p2o_jax.sampling import SamplingConfig
 
 RESULTS_FILENAME = "eval_results.json"
+REPORT_FILENAME = "eval_report.md"
 QUESTION_FIELDS = ("problem", "question")  # interchangeable when the configured one is absent from a file
 log = logging.getLogger(__name__)
 
@@ -269,12 +271,39 @@ def run_evaluation(c, checkpoint: str | pathlib.Path, *, score: ScoreFn | None =
           "config": config_summary(c), "sets": results}
 
 
+def average_accuracy(results: dict[str, Any]) -> float:
+  """The unweighted mean over sets, as the paper averages its benchmarks (AIME's 30 problems count as much as
+  MATH500's 500)."""
+  return float(np.mean([r["accuracy"] for r in results["sets"].values()]))
+
+
 def render_table(results: dict[str, Any]) -> str:
-  """Markdown table: set, problems, protocol, accuracy in %."""
+  """Markdown table: set, problems, protocol, accuracy in %, and the average over sets."""
   lines = ["| set | problems | protocol | accuracy (%) |", "|---|---:|---|---:|"]
   for name, r in results["sets"].items():
     lines.append(f"| {name} | {r['num_problems']} | {r['protocol']} | {100 * r['accuracy']:.2f} |")
+  if len(results["sets"]) > 1:
+    total = sum(r["num_problems"] for r in results["sets"].values())
+    lines.append(f"| **average** | {total} | mean over sets | **{100 * average_accuracy(results):.2f}** |")
   return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], workdir: str | pathlib.Path) -> pathlib.Path:
+  """The table as `<workdir>/eval_report.md`, and each set's accuracy and the average to the workdir's metrics.jsonl
+  and TensorBoard (`eval/<set>/accuracy`, `eval/average_accuracy`) at the evaluated orbax step (0 for an HF
+  directory): with the run directory as workdir, they land beside the run's own curves."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / REPORT_FILENAME
+  path.write_text(f"# Evaluation of {results['checkpoint']}\n\n{render_table(results)}\n")
+  metrics = {f"eval/{name}/accuracy": r["accuracy"] for name, r in results["sets"].items()}
+  metrics["eval/average_accuracy"] = average_accuracy(results)
+  writer = MetricsWriter(workdir)
+  try:
+    writer.write(results["orbax_step"] or 0, metrics)
+  finally:
+    writer.close()
+  return path
 
 
 def write_results(results: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:

@@ -20,6 +20,7 @@ from p2o_jax import checkpoint, evaluation, experiment, sharding
 from p2o_jax.checkpoint import Checkpointer
 from p2o_jax.config import ConfigError, base_config
 from p2o_jax.evaluation import EvalProtocol
+from p2o_jax.metrics import TENSORBOARD_DIRNAME, read_metrics
 from p2o_jax.models.builtin import build_builtin_checkpoint
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.models.tokenizer import chat_prompt_ids, decode_completions, load_tokenizer, stop_token_ids
@@ -274,3 +275,17 @@ def test_cli_writes_json_and_table_and_fails_in_one_line(files, tmp_path):
   [(_, missing_err)] = failures  # the other bad inputs raise in-process (test above); main() one-lines them alike
   assert runs[1].returncode != 0 and "Traceback" not in missing_err
   assert missing_err.strip().splitlines()[-1] == f"error: --checkpoint {tmp_path / 'nope'} does not exist"
+
+
+def test_the_report_averages_over_sets_and_lands_in_metrics(tmp_path):
+  results = {"checkpoint": "/ckpt", "orbax_step": 30, "sets": {
+    "aime24": {"accuracy": 0.125, "num_problems": 30, "samples_per_problem": 16, "protocol": "mean@16 T=0.6"},
+    "math500": {"accuracy": 0.8, "num_problems": 500, "samples_per_problem": 1, "protocol": "greedy"}}}
+  table = evaluation.render_table(results)
+  assert table.splitlines()[-1] == "| **average** | 530 | mean over sets | **46.25** |"  # (12.5 + 80) / 2, unweighted
+  path = evaluation.write_report(results, tmp_path)
+  assert table in path.read_text()
+  [record] = read_metrics(tmp_path / "metrics.jsonl")
+  assert record["step"] == 30 and record["eval/average_accuracy"] == pytest.approx(0.4625)
+  assert record["eval/aime24/accuracy"] == 0.125
+  assert list((tmp_path / TENSORBOARD_DIRNAME).iterdir())  # the event file
