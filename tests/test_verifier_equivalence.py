@@ -1,5 +1,7 @@
 """Answer extraction, the safe parser and answer equivalence against hand-checked cases."""
 
+import time
+
 import pytest
 import sympy
 
@@ -25,6 +27,26 @@ EQUIVALENCE_TABLE = [
   ("2", "3", False),
   ("1/3", "0.333", False),
   ("12", "21", False),
+  # a decimal is the rational it spells; a bare one matches 1/3 or sqrt(2) only correctly rounded at its last digit
+  ("123456800.0", "123456789", False),  # within 1e-6 relative, but wrong in the digits it states
+  ("123456789.0", "123456789", True),
+  ("0.1234564", "0.1234561", False),  # two decimals compare exactly
+  ("1.234568", "1.2345675", False),  # a reference that is a terminating decimal must be written exactly
+  ("0.333", "\\frac{1}{3}", False),  # correctly rounded, but 1e-3 relative error
+  ("1.4142136", "\\sqrt{2}", True),  # sqrt(2) = 1.41421356...: rounded at the 7th place
+  ("1.4142135", "\\sqrt{2}", False),  # truncated: 6.2e-8 off, more than half a unit (5e-8) of the 7th place
+  ("33.333333\\%", "\\frac{1}{3}", True),  # 0.33333333, 8 places
+  # mixed numbers: an integer directly before a fraction of integers
+  ("2\\frac{1}{4}", "\\frac{1}{2}", False),  # not the product 2 * 1/4
+  ("2\\frac{1}{4}", "\\frac{9}{4}", True),
+  ("-2\\frac{1}{4}", "-2.25", True),
+  ("2\\frac12", "2.5", True),
+  ("2\\frac{x}{4}", "\\frac{x}{2}", True),  # not integers: a product
+  # exact constants must be proven equal, not just agree numerically
+  ("\\pi \\cdot 10^{-30}", "0", False),
+  ("\\pi + 10^{-50}", "\\pi", False),
+  ("\\sqrt[3]{-8}", "-2", True),  # the real cube root
+  ("\\sqrt[3]{-27}", "3", False),
   # radicals, pi, powers, implicit multiplication
   ("2\\sqrt{2}", "\\sqrt{8}", True),
   ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
@@ -44,6 +66,7 @@ EQUIVALENCE_TABLE = [
   ("x^2+2x+1", "(x+1)^2", True),
   ("x^2+1", "(x+1)^2", False),
   ("0.5x", "\\frac{x}{2}", True),
+  ("0.5x + 10^{-9}", "\\frac{x}{2}", False),  # agrees at every sample point to 1e-9; simplify decides
   ("2a+b", "b+2a", True),
   ("x", "y", False),
   ("\\frac{x^2-1}{x-1}", "x+1", True),
@@ -186,6 +209,10 @@ def test_parser_values_and_kinds():
     ("10**10**10", "exponent"),
     ("2^{20000}", "exponent"),
     ("9^{9^{9^9}}", "tower"),
+    ("\\exp(\\exp(\\exp(100)))", "tower"),
+    ("e^{\\exp(\\exp(x))}", "tower"),
+    ("\\exp(\\exp(100))", "exponent"),
+    ("2\\frac{5}{4}", "ambiguous"),
     ("(2^{5000})^{5000}", "too large"),
     ("(2^{5000}x)^{10000}", "too large"),  # (c*x)^n would expand c^n eagerly
     ("(" * 100 + "1" + ")" * 100, "nested"),
@@ -203,6 +230,22 @@ def test_parser_values_and_kinds():
 def test_parser_refusals(text, reason):
   with pytest.raises(ParseError, match=reason):
     parse_answer(text)
+
+
+@pytest.mark.parametrize(
+  "answer", ["\\exp(\\exp(\\exp(100)))", "\\exp(\\exp(\\exp(\\exp(x))))", "e^{e^{e^{100}}}", "\\exp(10^{9})"]
+)
+def test_huge_exponentials_are_refused_at_once(answer):
+  start = time.monotonic()
+  assert math_reward(f"\\boxed{{{answer}}}", "1") == 0.0
+  assert time.monotonic() - start < 1.0  # refused by the parser, not left to the pool's timeout
+
+
+def test_decimals_are_exact_and_counted():
+  parsed = parse_answer("0.50")
+  assert parsed.value == sympy.Rational(1, 2) and parsed.decimal_places == (2,)
+  assert parse_answer("1.5x + 2.25").decimal_places == (1, 2)
+  assert parse_answer("123456800.0").value == 123456800
 
 
 def test_parse_error_is_a_value_error():

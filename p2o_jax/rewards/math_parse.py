@@ -3,12 +3,19 @@
 Answers are untrusted model output, so nothing here calls eval/exec/sympify/parse_expr: every value is built with
 sympy constructors from tokens we recognised ourselves, and anything unrecognised raises ParseError (scored 0).
 Inputs are bounded in length, token count and nesting depth, and powers whose evaluation could explode are refused
-before sympy builds them.
+before sympy builds them: `a^b` and `\\exp(b)` (and `e^b`) both count as a level of a power tower (at most
+MAX_POWER_TOWER), and a numeric exponent or `\\exp` argument above MAX_EXPONENT in size is refused, so
+`\\exp(\\exp(\\exp(100)))` fails at once instead of at the verifier pool's timeout.
 
 Conventions (chosen for answer checking, not for typesetting):
 - `1,234` is one number when the digits after every comma come in threes and it is outside brackets; `[0,100]` and
   `1, 234` are two values. A thin space or `{,}` between digit groups joins them too.
 - `2^10` is 1024 (plain-text reading), `x^{10}` and `x**10` likewise; `\\frac12` is 1/2 as in TeX.
+- A decimal is the exact rational it spells (0.5 = 1/2, 123456800.0 = 123456800); ParsedAnswer.decimal_places records
+  how many digits each decimal literal states after its point, for the comparer's rule on bare decimals.
+- An integer followed directly by a fraction of two integers is a mixed number: `2\\frac{1}{4}` = 9/4,
+  `-2\\frac{1}{4}` = -9/4 (never the product 2/4). Only a proper fraction counts; `2\\frac{5}{4}` is refused.
+- `\\sqrt[n]{a}` with odd n and a negative number a is the real root: `\\sqrt[3]{-8}` = -2.
 - A trailing `%` is recorded in ParsedAnswer.is_percent and the value divided by 100; the comparer decides how a
   percentage matches (see equivalence.py).
 - `\\ln` and a bare `\\log` are natural logarithms, `\\log_b x` has base b.
@@ -45,6 +52,7 @@ class ParsedAnswer:
 
   value: sympy.Basic
   is_percent: bool = False
+  decimal_places: tuple[int, ...] = ()  # per decimal literal, in order: digits stated after its point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +108,9 @@ def parse_answer(text: str) -> ParsedAnswer:
     tokens.pop()
   if not tokens:
     raise ParseError("empty answer")
+  parser = _Parser(tokens)
   try:
-    value = _Parser(tokens).parse()
+    value = parser.parse()
     if is_percent:
       value = _divide(value, sympy.Integer(100))
   except ParseError:
@@ -110,7 +119,7 @@ def parse_answer(text: str) -> ParsedAnswer:
     raise ParseError(f"sympy refused the value ({type(error).__name__})") from None
   if value.has(sympy.zoo, sympy.nan):
     raise ParseError("undefined value (division by zero or 0/0)")
-  return ParsedAnswer(value, is_percent)
+  return ParsedAnswer(value, is_percent, tuple(parser.decimal_places))
 
 
 def _normalize_spelling(text: str) -> str:
@@ -221,11 +230,10 @@ def _checked_power(base: sympy.Basic, exponent: sympy.Basic) -> sympy.Expr:
   return sympy.Pow(base, exponent)
 
 
-def _number(text: str) -> sympy.Number:
-  if "." not in text:
-    return sympy.Integer(int(text))
-  # Keep every written digit: decimals are compared with a relative tolerance, but must not lose what was written.
-  return sympy.Float(text, max(15, len(text) + 2))
+def _number(text: str) -> sympy.Rational:
+  """An integer or decimal token as the exact rational it spells: `0.50` is 1/2, `.25` is 1/4."""
+  whole, _, fraction = text.partition(".")
+  return sympy.Rational(int(whole + fraction or "0"), 10 ** len(fraction))
 
 
 def _interval(start: sympy.Basic, end: sympy.Basic, left_open: bool, right_open: bool) -> sympy.Interval:
@@ -261,6 +269,7 @@ class _Parser:
     self._pos = 0
     self._depth = 0
     self._tower = 0
+    self.decimal_places: list[int] = []
 
   def parse(self) -> sympy.Basic:
     items = [self._item()]
@@ -316,7 +325,13 @@ class _Parser:
     return value
 
   def _term(self) -> sympy.Basic:
+    start = self._pos
     value = self._signed()
+    if self._is_integer_literal(start, self._pos) and self._mixed_fraction_ahead():
+      fraction = self._atom()
+      if not 0 < fraction < 1:
+        raise ParseError("a whole number before an improper fraction is ambiguous")
+      value = sympy.Add(value, -fraction if value.is_negative else fraction)
     while True:
       token = self._peek()
       if (token.kind, token.text) in (("op", "*"), ("cmd", "cdot"), ("cmd", "times")):
@@ -329,6 +344,34 @@ class _Parser:
         value = sympy.Mul(_scalar(value), _scalar(self._power()))
       else:
         return value
+
+  def _is_integer_literal(self, start: int, end: int) -> bool:
+    """Tokens start..end are optional signs and then one integer (no decimal point)."""
+    tokens = self._tokens[start:end]
+    return (
+      bool(tokens)
+      and tokens[-1].kind == "num"
+      and "." not in tokens[-1].text
+      and all(token.kind == "op" and token.text in "+-" for token in tokens[:-1])
+    )
+
+  def _mixed_fraction_ahead(self) -> bool:
+    """`\\frac{a}{b}` or `\\frac ab` with integer literals a and b comes next (and is not raised to a power)."""
+    tokens = self._tokens[self._pos : self._pos + 8]
+    if not tokens or tokens[0].kind != "cmd" or tokens[0].text not in _FRACTIONS:
+      return False
+    shape = [(token.kind, token.text if token.kind == "op" else "") for token in tokens[1:]]
+    integers = [token for token in tokens[1:] if token.kind == "num"]
+    if any("." in token.text for token in integers):
+      return False
+    braced = [("op", "{"), ("num", ""), ("op", "}"), ("op", "{"), ("num", ""), ("op", "}")]
+    if shape[:6] == braced:
+      following = tokens[7:8]
+    elif shape[:1] == [("num", "")] and len(tokens[1].text) == 2:  # \frac12
+      following = tokens[2:3]
+    else:
+      return False
+    return not (following and following[0].text in ("^", "**"))
 
   @staticmethod
   def _starts_implicit_factor(token: _Token) -> bool:
@@ -371,6 +414,8 @@ class _Parser:
   def _atom_at_depth(self) -> sympy.Basic:
     token = self._advance()
     if token.kind == "num":
+      if "." in token.text:
+        self.decimal_places.append(len(token.text.partition(".")[2]))
       return _number(token.text)
     if token.kind == "letter":
       return self._letter(token.text)
@@ -430,13 +475,27 @@ class _Parser:
       if not (isinstance(index, sympy.Integer) and 2 <= index <= MAX_ROOT_INDEX):
         raise ParseError(f"root index must be an integer from 2 to {MAX_ROOT_INDEX}")
     radicand = _scalar(self._macro_argument())
-    return sympy.sqrt(radicand) if index == 2 else sympy.root(radicand, index)
+    if index == 2:
+      return sympy.sqrt(radicand)
+    if index % 2 == 1 and radicand.is_number and radicand.is_extended_negative:
+      return sympy.real_root(radicand, index)  # the real cube root of -8 is -2
+    return sympy.root(radicand, index)
 
   def _function(self, name: str) -> sympy.Expr:
     base = None
     if name == "log" and self._accept("op", "_"):
       base = _scalar(self._macro_argument())
-    argument = _scalar(self._macro_argument() if self._peek().text == "{" else self._power())
+    if name == "exp":  # \exp(b) is e^b: one level of a power tower, and its argument is an exponent
+      self._tower += 1
+    try:
+      if self._tower > MAX_POWER_TOWER:
+        raise ParseError(f"power tower higher than {MAX_POWER_TOWER}")
+      argument = _scalar(self._macro_argument() if self._peek().text == "{" else self._power())
+    finally:
+      if name == "exp":
+        self._tower -= 1
+    if name == "exp":
+      return _checked_power(sympy.E, argument)
     return _FUNCTIONS[name](argument) if base is None else sympy.log(argument, base)
 
   def _macro_argument(self) -> sympy.Basic:
