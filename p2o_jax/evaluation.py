@@ -148,11 +148,15 @@ def _seqio_task_name(set_name: str) -> str:
 def _read_set(name: str, path: str, c, score: ScoreFn | None, use_seqio: bool):
   fields = dict(question_field=question_field_for(path, c.data.question_field), answer_field=c.data.answer_field,
                 id_field=c.data.id_field or None)
+  queries = read_queries(path, **fields).queries
   if not use_seqio:
-    return read_queries(path, **fields).queries
+    return queries
   task = seqio_tasks.register_eval_task(_seqio_task_name(name), path, **fields, replace=True,
                                         score_fn=_reference_scorer(score) if score else seqio_tasks.exact_match_scores)
-  return seqio_tasks.eval_queries(task)
+  # seqio carries (id, inputs, targets) only; reward functions also get the row's other columns.
+  columns = {q.id: q.columns for q in queries}
+  return [dataclasses.replace(q, columns=columns.get(q.id, {"answer": q.answer}))
+          for q in seqio_tasks.eval_queries(task)]
 
 
 def _reference_scorer(score: ScoreFn) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:

@@ -31,7 +31,7 @@ def extract_answer(text: str, fallback: str = "none") -> str | None:
   """The final answer in `text` (stripped), or None when there is none and the fallback finds none either."""
   check_fallback(fallback)
   tail = text[-MAX_SCAN_CHARS:]
-  answer = _last_boxed(tail)
+  answer = last_boxed(tail)
   if answer is None:
     answer = _after_last_hashes(tail)
   if answer is None and fallback == "last_number":
@@ -62,8 +62,9 @@ def _matching_braces(text: str) -> dict[int, int]:
   return matches
 
 
-def _last_boxed(text: str) -> str | None:
-  """Content of the last well-formed, non-empty box; a truncated last box falls back to the one before it."""
+def last_boxed(text: str) -> str | None:
+  """Content of the last well-formed, non-empty \\boxed{} in `text` (all of it: callers bound its length); a truncated
+  last box falls back to the one before it."""
   starts = [match.end() for match in _BOX_RE.finditer(text)]
   if not starts:
     return None
