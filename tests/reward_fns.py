@@ -2,6 +2,7 @@
 (multiprocessing hands them our sys.path), so the tests can name them by import path."""
 
 import os
+import re
 import time
 
 
@@ -45,3 +46,19 @@ def hangs_on_slow(completions, **kwargs):
   if any("SLOW" in c for c in completions):
     time.sleep(60)
   return [float(os.getpid() > 0) for _ in completions]
+
+
+def answer_sentence(completions, **kwargs):
+  """The built-in world's format: the completion ends with "The answer is <digits>"."""
+  del kwargs
+  return [float(bool(re.search(r"The answer is \d+\s*$", c))) for c in completions]
+
+
+def even_length(completions, **kwargs):
+  del kwargs
+  return [float(len(c) % 2 == 0) for c in completions]
+
+
+def has_digit(completions, **kwargs):
+  del kwargs
+  return [float(any(ch.isdigit() for ch in c)) for c in completions]

@@ -1,14 +1,15 @@
 """Reward functions from the config and from Python: parsing, the TRL calling convention, the weighted sum, and
 failures (a wrong shape is a one-line error at the first batch; a per-item failure is a counted, logged 0)."""
 
-import json
-import pathlib
-
 import numpy as np
 import pytest
 
 import reward_fns
+from p2o_jax.config import base_config
 from p2o_jax.data.records import Query
+from p2o_jax.experiment import run_training
+from p2o_jax.metrics import read_metrics
+from p2o_jax.models.builtin import build_builtin_checkpoint
 from p2o_jax.rewards.functions import GRADERS, RewardFunction, RewardFunctionError, RewardScores, resolve, \
   score_item, weighted_total
 from p2o_jax.rewards.pool import VerifierPool
@@ -116,3 +117,22 @@ def test_later_failures_are_counted_logged_zeros_and_training_goes_on(caplog):
     np.testing.assert_array_equal(later.total, [2.0, 0.0, 4.0])
     assert pool.stats["errors"] == 2 and pool.stats["timeouts"] == 1
   assert "reward function 'reward_fns:raises_on_bad' failed (ZeroDivisionError)" in caplog.text
+
+
+def test_a_grpo_run_from_the_config_trains_on_the_weighted_sum_and_logs_each_function(tmp_path):
+  c = base_config()
+  c.workdir = str(tmp_path)
+  c.model.checkpoint = str(build_builtin_checkpoint(tmp_path / "policy", hidden_size=32, num_layers=1, num_heads=2,
+                                                    num_kv_heads=1, intermediate_size=64))
+  c.data.source, c.data.prompt_format, c.data.builtin_train_size = "builtin", "{question}", 8
+  c.rollout.max_prompt_len, c.rollout.max_new_tokens, c.rollout.num_samples, c.rollout.temperature = 64, 8, 4, 1.0
+  c.train.batch_size, c.train.max_steps, c.train.checkpoint_every = 4, 2, 100
+  c.grpo.micro_batch_size, c.reward.num_workers = 8, 1
+  c.reward.functions = f"{FNS}:even_length=1, {FNS}:has_digit=0.5"
+  run_training(c)
+  records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "rollout/reward_mean" in r]
+  assert len(records) == 2
+  for r in records:  # the reward trained on is the weighted sum of the functions, per row, so also in the mean
+    even, digit = r[f"reward/{FNS}:even_length_mean"], r[f"reward/{FNS}:has_digit_mean"]
+    assert r["rollout/reward_mean"] == pytest.approx(even + 0.5 * digit, abs=1e-6)
+    assert 0 < even < 1 or 0 < digit < 1  # random completions: the functions do vary
