@@ -4,6 +4,7 @@ an impossible combination is a one-line error naming the key, before anything he
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -31,6 +32,7 @@ CHOICES = {
     "model.remat": REMAT_POLICIES,
     "model.attention": ATTENTION_CHOICES,
     "data.source": ("file", "builtin"),
+    "data.too_long": ("error", "skip"),
     "reward.fallback": FALLBACKS,
     "grpo.advantage": ADVANTAGE_ESTIMATORS,
     "grpo.aggregation": AGGREGATIONS,
@@ -58,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   # projections' outputs kept). attention: "auto" (splash on TPU, cuDNN on GPU, chunked on CPU) or an implementation
   # of p2o_jax/models/attention.py.
   c.model = dict(checkpoint="builtin", builtin_cache_dir=".cache/p2o_jax/builtin_policy", param_dtype="float32",
-                 compute_dtype="float32", remat="none", attention="auto")
+                 compute_dtype="float32", remat="none", attention="auto",
+                 enable_thinking=False)  # passed to chat templates with Qwen3's switch (the paper: thinking off)
   # The built-in task (data.source="builtin") and its base policy (model.checkpoint="builtin"): the arithmetic world
   # (p2o_jax/data/arithmetic.py) and the tiny Qwen2 model SFT-trained on its corpus, cached per distinct setting.
   c.builtin = dict(easy_operands=(2, 2), easy_digits=(2, 3), hard_operands=(4, 6), hard_digits=(2, 2),
@@ -76,9 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       source="file",  # "file" (train_path) or "builtin" (the arithmetic world)
       train_path="", question_field="problem", answer_field="answer", id_field="",
+      # messages_field: a chat-format training file's list of turns (e.g. "messages", verl's "prompt"); the question
+      # is then the last user turn (p2o_jax/data/records.py).
+      messages_field="",
       # The user turn; "{question}" is replaced by the problem. The paper's format:
       prompt_format="Let's think step by step and output the final answer within \\boxed{{}}.\nQuestion: {question}",
-      builtin_train_size=4096, builtin_hard_fraction=0.5)
+      builtin_train_size=4096, builtin_hard_fraction=0.5,
+      # A query whose plain prompt is over rollout.max_prompt_len tokens: "error" at load (the authors' code) or
+      # "skip" it (counted, logged). Templated prompts over the limit are left-truncated instead (Policy.generate).
+      too_long="error")
   # kv_cache_gib: the KV cache one sampler call may take per device; calls with more rows (rollouts, evaluation, GEPA
   # scoring) run in chunks of rows that fit. 0: no budget, every call in one chunk. The dry run checks it fits.
   c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6,
@@ -91,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo = dict(
       advantage="grpo",  # "grpo" (std-normalized) or "dr_grpo"
       clip_low=0.2, clip_high=0.2, dual_clip=3.0,  # dual_clip 0: off
+      # aggregation "token-mean": over the whole mini-batch; "microbatch-token-mean": the authors' verl, each
+      # micro-batch's token-mean weighted by its rows (p2o_jax/rl/losses.py says why ours is the default)
       kl_coef=0.0, kl_estimator="k3", aggregation="token-mean",
       ppo_epochs=1, num_minibatches=2, micro_batch_size=8,
       dynamic_sampling=False, dynamic_sampling_max_batches=3)
@@ -98,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
                  checkpoint_every=10, keep_checkpoints=3, export_dtype="",
                  checkpoint_dir="")  # "": <workdir>/checkpoints; may be gs://bucket/path (orbax writes there)
+  # The teacher-distilled SFT baseline (p2o_jax/teacher_sft.py, compare method "teacher_sft"): trace_field names the
+  # training file's column of teacher solutions (the built-in task uses its oracle scratchpads); steps 0: as many
+  # updates as the RL run; row_len 0: max_prompt_len + max_new_tokens; lr 0: optim.lr.
+  c.teacher_sft = dict(trace_field="", steps=0, rows=8, row_len=0, lr=0.0)
   c.eval = dict(every_steps=0, sets="",  # "name=path.jsonl,name2=path2.jsonl"
                 builtin_easy=0, builtin_hard=0, small_set_size=100, small_set_samples=16, temperature=0.6,
                 max_new_tokens=0,  # 0: rollout.max_new_tokens
@@ -109,14 +124,23 @@ def base_config() -> ml_collections.ConfigDict:
       distillation="plain",  # "plain": gradient on the plain prompt (P^2O); "templated": the paper's ablation;
       # "importance": plain prompt, old log-probs from the templated context (ratio pi(y|x) / pi_old(y|x~))
       ratio_mask="hard", ratio_low=0.01, ratio_high=10.0,  # the context ratio mask: "hard", "soft" or "off"
-      same_template_in_group=False,
-      gepa=dict(dev_size=300, beam_width=16, minibatch_size=3, max_metric_calls=11040, max_iters=1000),
+      # The authors' switches (their trainer.gepa keys, same defaults): one template for all K rollouts of a query;
+      # the last of a templated query's K rollouts stays plain; templated rollouts that fail leave the loss.
+      same_template_in_sample=False, left_1_no_template_rollout=False, drop_failed_template_rollout=False,
+      # max_metric_calls 0: the authors' budget, 23 x |D_dev| + 4140 (11,040 at |D_dev|=300); max_iters 0: no cap;
+      # remove_dominated: the gepa package's parent pool instead of the authors' (every candidate on some front).
+      gepa=dict(dev_size=300, beam_width=16, minibatch_size=3, max_metric_calls=0, max_iters=0,
+                remove_dominated=False),
       reflector="self",  # "self" (frozen reference policy), "teacher" (OpenAI-compatible endpoint), "offline"
       reflection_temperature=0.6, reflection_max_new_tokens=2048, reflection_max_prompt_len=4096,
-      max_template_chars=2000,
+      max_template_chars=0,  # a longer reflected template is rejected; 0: no cap (the authors' code)
       offline_fragments="",  # "|"-separated fragment pool of the offline proposer ("" = its default pool)
-      teacher=dict(base_url="", model="", api_key_env="OPENAI_API_KEY", timeout_s=120.0, max_retries=3,
-                   max_concurrency=8))
+      thinking_in_reflection=False,  # Self-Ref reflection prompts: enable_thinking for Qwen3-style templates
+      # extra_body: a JSON object merged into each request, e.g. '{"chat_template_kwargs": {"enable_thinking": false}}'.
+      # Retries: max_retries more attempts after the first, waiting backoff_s doubling up to max_backoff_s; then that
+      # parent's reflection is empty (the authors retry forever, 1 s apart).
+      teacher=dict(base_url="", model="", api_key_env="OPENAI_API_KEY", timeout_s=120.0, max_retries=5,
+                   backoff_s=1.0, max_backoff_s=30.0, max_concurrency=8, extra_body=""))
   return ml_collections.ConfigDict(c)
 
 
@@ -171,9 +195,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     builtin_world(c)
   _require(c.data.source != "file" or bool(c.data.train_path), "data.train_path", "is empty but data.source='file'")
   _require("{question}" in c.data.prompt_format, "data.prompt_format", "must contain '{question}'")
+  _one_of(c, "data.too_long")
   _positive(c, "rollout.max_prompt_len", "rollout.max_new_tokens", "rollout.num_samples", "reward.num_workers",
             "reward.timeout_s", "grpo.ppo_epochs", "grpo.num_minibatches", "grpo.micro_batch_size", "train.batch_size",
-            "train.epochs", "optim.lr")
+            "train.epochs", "optim.lr", "teacher_sft.rows")
+  _positive(c, "teacher_sft.steps", "teacher_sft.row_len", "teacher_sft.lr", allow_zero=True)
   _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
             allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
@@ -260,14 +286,37 @@ def _validate_p2o(c: ml_collections.ConfigDict) -> None:
   p = c.p2o
   _require(0 <= p.hard_max_correct < c.rollout.num_samples, "p2o.hard_max_correct",
            f"{p.hard_max_correct} must be in [0, rollout.num_samples)")
-  _positive(c, "p2o.gepa.dev_size", "p2o.gepa.beam_width", "p2o.gepa.minibatch_size", "p2o.gepa.max_metric_calls",
-            "p2o.reflection_max_new_tokens", "p2o.reflection_max_prompt_len", "p2o.max_template_chars")
-  _positive(c, "p2o.hard_min_count", "p2o.gepa.max_iters", allow_zero=True)
+  _positive(c, "p2o.gepa.dev_size", "p2o.gepa.beam_width", "p2o.gepa.minibatch_size",
+            "p2o.reflection_max_new_tokens", "p2o.reflection_max_prompt_len")
+  _positive(c, "p2o.hard_min_count", "p2o.gepa.max_iters", "p2o.gepa.max_metric_calls", "p2o.max_template_chars",
+            allow_zero=True)
+  _require(isinstance(p.gepa.remove_dominated, bool), "p2o.gepa.remove_dominated",
+           f"{p.gepa.remove_dominated!r} must be True or False")
   _one_of(c, "p2o.distillation")
   _one_of(c, "p2o.ratio_mask")
+  for switch in ("same_template_in_sample", "left_1_no_template_rollout", "drop_failed_template_rollout"):
+    _require(isinstance(p[switch], bool), f"p2o.{switch}", f"{p[switch]!r} must be True or False")
   _require(0 < p.ratio_low < 1 < p.ratio_high, "p2o.ratio_low", f"need 0 < ratio_low < 1 < ratio_high, got "
            f"{p.ratio_low}, {p.ratio_high}")
   _one_of(c, "p2o.reflector")
   if p.reflector == "teacher":
     _require(bool(p.teacher.base_url) and bool(p.teacher.model), "p2o.teacher.base_url",
              "the teacher reflector needs p2o.teacher.base_url and p2o.teacher.model")
+  _positive(c, "p2o.teacher.max_retries", "p2o.teacher.backoff_s", "p2o.teacher.max_backoff_s", allow_zero=True)
+  _positive(c, "p2o.teacher.timeout_s", "p2o.teacher.max_concurrency")
+  _validate_extra_body(p.teacher.extra_body)
+
+
+def _validate_extra_body(text: str) -> None:
+  """p2o.teacher.extra_body: "" or a JSON object that does not replace the request's model or messages."""
+  if not text.strip():
+    return
+  try:
+    extra = json.loads(text)
+  except ValueError as e:
+    raise ConfigError(f"config.p2o.teacher.extra_body: not valid JSON ({e}): {text!r}") from None
+  _require(isinstance(extra, dict), "p2o.teacher.extra_body", f"must be a JSON object, got {type(extra).__name__}: "
+           f"{text!r}")
+  clash = sorted({"model", "messages"} & set(extra))
+  _require(not clash, "p2o.teacher.extra_body", f"must not set {clash} (p2o.teacher.model and the reflection prompt "
+           "are the request's own)")

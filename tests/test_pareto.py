@@ -1,4 +1,5 @@
-"""Pareto-front parent selection: hand-computed fronts, pruning order, and exact sampling probabilities."""
+"""Pareto-front parent selection: hand-computed fronts, the authors' pool (every candidate on some front, dominated
+ones kept), the gepa package's pruning (the remove_dominated option), and exact sampling probabilities."""
 
 import itertools
 
@@ -8,8 +9,9 @@ import pytest
 from p2o_jax.p2o.pareto import instance_fronts, parent_weights, prune_dominated, sample_parents
 
 # Means: c0 .2, c1 .4, c2 .2, c3 .6. Fronts: i0 {0,1}, i1 {1,3}, i2 {2,3}, i3 (all zero) {0,1,2,3}, i4 {3}.
-# Visit order 0, 2, 1, 3: c0 is only ever on fronts shared with c1 -> pruned; c2 likewise with c3 -> pruned; then
-# c1 is alone on i0 and c3 alone on i4 -> both kept.
+# Pruning (the gepa package, remove_dominated=True) visits 0, 2, 1, 3: c0 is only ever on fronts shared with c1 ->
+# pruned; c2 likewise with c3 -> pruned; then c1 is alone on i0 and c3 alone on i4 -> both kept. The authors' pool
+# keeps all four, weighted by their front counts 2, 3, 2, 4.
 SCORES = np.array([
     [1, 0, 0, 0, 0],
     [1, 1, 0, 0, 0],
@@ -49,21 +51,33 @@ def test_prune_invariants_on_random_matrices():
     assert all(any(front & survivors == {c} for front in fronts) for c in survivors)
 
 
-def test_parent_weights_count_fronts_of_survivors():
-  assert parent_weights(SCORES) == {1: 3, 3: 4}
+def test_parent_pool_keeps_dominated_candidates_by_default():
+  # c0 is dominated by c1 (c1 solves everything c0 does, and more), yet both are on the front of i0 and i3.
+  assert parent_weights(SCORES) == {0: 2, 1: 3, 2: 2, 3: 4}
+  assert parent_weights(SCORES, remove_dominated=True) == {1: 3, 3: 4}
   assert parent_weights(np.zeros((1, 4))) == {0: 4}
+  # An instance nobody solves ties every candidate, so even a candidate that is never best elsewhere is drawable.
+  strictly_worse = np.array([[1, 1, 0], [0, 1, 0]], dtype=float)
+  assert parent_weights(strictly_worse) == {0: 3, 1: 2}
+  assert parent_weights(strictly_worse, remove_dominated=True) == {0: 3}
+  assert parent_weights(np.array([[1, 1], [0, 1]], dtype=float)) == {0: 2, 1: 1}  # no all-zero instance
 
 
-def test_sample_parents_returns_all_survivors_when_width_suffices():
-  assert sample_parents(SCORES, 2, np.random.default_rng(0)) == [1, 3]
-  assert sample_parents(SCORES, 16, np.random.default_rng(0)) == [1, 3]
+def test_sample_parents_returns_the_whole_pool_when_width_suffices():
+  assert sample_parents(SCORES, 4, np.random.default_rng(0)) == [0, 1, 2, 3]
+  assert sample_parents(SCORES, 16, np.random.default_rng(0)) == [0, 1, 2, 3]
+  assert sample_parents(SCORES, 2, np.random.default_rng(0), remove_dominated=True) == [1, 3]
+  assert sorted(sample_parents(SCORES, 3, np.random.default_rng(0))) != [1, 3]
 
 
-def test_single_parent_probabilities_follow_front_counts():
+@pytest.mark.parametrize("remove_dominated,expected", [(False, {0: 2 / 11, 1: 3 / 11, 2: 2 / 11, 3: 4 / 11}),
+                                                       (True, {1: 3 / 7, 3: 4 / 7})])
+def test_single_parent_probabilities_follow_front_counts(remove_dominated, expected):
   rng = np.random.default_rng(123)
   n = 5_000
-  draws = np.array([sample_parents(SCORES, 1, rng)[0] for _ in range(n)])
-  for candidate, p in {1: 3 / 7, 3: 4 / 7}.items():
+  draws = np.array([sample_parents(SCORES, 1, rng, remove_dominated=remove_dominated)[0] for _ in range(n)])
+  assert set(draws.tolist()) == set(expected)
+  for candidate, p in expected.items():
     assert abs(np.mean(draws == candidate) - p) < 4 * np.sqrt(p * (1 - p) / n)
 
 

@@ -135,7 +135,7 @@ def _validate_pool(fragments: Sequence[str]) -> tuple[str, ...]:
 class FragmentProposer:
   """Offline reflector: one seeded fragment edit of the parent per request, returned as a fenced reply and parsed."""
 
-  def __init__(self, fragments: Sequence[str], seed: int, max_fragments: int = 4, *, max_template_chars: int = 2000):
+  def __init__(self, fragments: Sequence[str], seed: int, max_fragments: int = 4, *, max_template_chars: int = 0):
     if max_fragments < 1:
       raise ValueError(f"max_fragments must be >= 1, got {max_fragments}")
     self.fragments = _validate_pool(fragments)

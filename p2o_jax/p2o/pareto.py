@@ -1,8 +1,10 @@
 """GEPA parent selection from the per-instance Pareto front of a candidates x dev-instances score matrix.
 
-A candidate is worth mutating if it is among the best on some dev instance. Candidates whose every such instance is
-also won by another surviving candidate add nothing and are pruned; the rest are drawn as parents with probability
-proportional to the number of instances they are best on. All functions are pure; randomness comes from the caller.
+A candidate is worth mutating if it is among the best on some dev instance. The authors' code (P^2O's GEPA driver)
+keeps every such candidate in the pool and draws parents with probability proportional to the number of instances it
+is best on; an instance nobody solves ties every candidate, so every candidate stays drawable. The gepa package also
+prunes candidates whose every front holds another surviving candidate (`remove_dominated=True`). All functions are
+pure; randomness comes from the caller.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def instance_fronts(scores_cd: np.ndarray) -> list[frozenset[int]]:
 
 
 def prune_dominated(scores_cd: np.ndarray, fronts: list[frozenset[int]]) -> set[int]:
-  """Candidates left after dropping, one at a time, those whose every front holds another survivor.
+  """Candidates left after dropping, one at a time, those whose every front holds another survivor (the gepa package).
 
   Visit order: mean dev score ascending, ties by candidate index ascending (a stable sort, as GEPA does), so of two
   identical candidates the newer one survives. One pass suffices: dropping a candidate only removes potential
@@ -42,22 +44,27 @@ def prune_dominated(scores_cd: np.ndarray, fronts: list[frozenset[int]]) -> set[
   return survivors
 
 
-def parent_weights(scores_cd: np.ndarray) -> dict[int, int]:
-  """Surviving candidate -> number of dev instances on whose front it is, keys ascending."""
+def parent_weights(scores_cd: np.ndarray, *, remove_dominated: bool = False) -> dict[int, int]:
+  """Candidate in the parent pool -> number of dev instances on whose front it is, keys ascending.
+
+  The pool is every candidate on some front (the authors' code); with `remove_dominated`, only the survivors of
+  `prune_dominated` (the gepa package).
+  """
   fronts = instance_fronts(scores_cd)
-  survivors = prune_dominated(scores_cd, fronts)
-  return {c: sum(c in f for f in fronts) for c in sorted(survivors)}
+  pool = prune_dominated(scores_cd, fronts) if remove_dominated else set().union(*fronts)
+  return {c: sum(c in f for f in fronts) for c in sorted(pool)}
 
 
-def sample_parents(scores_cd: np.ndarray, width: int, rng: np.random.Generator) -> list[int]:
-  """`width` distinct parents, or every survivor (ascending) if there are no more than `width` of them.
+def sample_parents(scores_cd: np.ndarray, width: int, rng: np.random.Generator, *,
+                   remove_dominated: bool = False) -> list[int]:
+  """`width` distinct parents, or the whole pool (ascending) if it holds no more than `width` candidates.
 
   Draws are successive and without replacement, each proportional to the remaining candidates' front counts, like
   the authors' beam selection (it excludes already-selected parents before every weighted draw).
   """
   if width < 1:
     raise ValueError(f"width must be >= 1, got {width}")
-  weights = parent_weights(scores_cd)
+  weights = parent_weights(scores_cd, remove_dominated=remove_dominated)
   if len(weights) <= width:
     return list(weights)
   pool = list(weights)
