@@ -29,6 +29,7 @@ from p2o_jax.data.records import Query, read_queries
 from p2o_jax.metrics import MetricsWriter
 from p2o_jax.models.config import load_hf_config
 from p2o_jax.policy import Policy
+from p2o_jax.preflight import PreflightError, check_prompt_lengths
 from p2o_jax.rewards.functions import ScoreFn, as_scores
 from p2o_jax.sampling import SamplingConfig
 
@@ -266,6 +267,7 @@ def run_evaluation(c, checkpoint: str | pathlib.Path, *, score: ScoreFn | None =
     sets = {**read_file_sets(paths, c, score), **builtin}  # before the model: a bad file fails fast
     mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
     policy, tokenizer_dir = load_policy(location, c, mesh)
+    sets = _fitting_prompts(sets, policy.tokenizer, c)
     results = evaluate_sets(policy, sets, c, score)
   for name, result in results.items():
     result["source"] = paths.get(name, "builtin")
@@ -279,6 +281,17 @@ def average_accuracy(results: dict[str, Any]) -> float:
   """The unweighted mean over sets, as the paper averages its benchmarks (AIME's 30 problems count as much as
   MATH500's 500)."""
   return float(np.mean([r["accuracy"] for r in results["sets"].values()]))
+
+
+def _fitting_prompts(sets: dict[str, list[Query]], tokenizer, c) -> dict[str, list[Query]]:
+  """Each set without the queries whose plain prompt is over rollout.max_prompt_len (data.too_long="skip"), or an
+  EvalInputError naming the first one ("error"), as training treats its data."""
+  try:
+    return {name: check_prompt_lengths(tokenizer, queries, c.data.prompt_format, c.rollout.max_prompt_len,
+                                       too_long=c.data.too_long, enable_thinking=c.model.enable_thinking,
+                                       what=f"eval set {name!r} query") for name, queries in sets.items()}
+  except PreflightError as e:
+    raise EvalInputError(str(e)) from None
 
 
 def render_table(results: dict[str, Any]) -> str:

@@ -17,11 +17,12 @@ from p2o_jax import builders, report, sharding
 from p2o_jax.builders import build_builtin_base, policy_checkpoint
 from p2o_jax.config import builtin_world, validate, validate_distributed
 from p2o_jax.data.char_tokenizer import build_char_tokenizer
-from p2o_jax.data.records import Query, builtin_queries, read_queries
+from p2o_jax.data import arithmetic
+from p2o_jax.data.records import Query, problem_queries, read_queries
 from p2o_jax.evaluation import EvalProtocol, builtin_sets, evaluate_set, parse_eval_sets
 from p2o_jax.models.tokenizer import load_tokenizer
 from p2o_jax.p2o.hooks import P2OHooks
-from p2o_jax.preflight import check_chat_template, check_verifier, check_writable_dir
+from p2o_jax.preflight import check_chat_template, check_prompt_lengths, check_verifier, check_writable_dir
 from p2o_jax.rewards.functions import RewardEntry
 from p2o_jax.rl.trainer import Trainer, TrainerHooks
 from p2o_jax.run_dir import RunDir
@@ -39,24 +40,40 @@ def preflight(c: ml_collections.ConfigDict, train: Sequence[Query], score, token
   check_verifier(score, sample)
 
 
-def _read(path: str, c: ml_collections.ConfigDict) -> list[Query]:
+def _read(path: str, c: ml_collections.ConfigDict, messages_field: str = "") -> list[Query]:
   result = read_queries(path, question_field=c.data.question_field, answer_field=c.data.answer_field,
-                        id_field=c.data.id_field or None)
+                        id_field=c.data.id_field or None, messages_field=messages_field or None)
   if result.skipped:
     log.warning("%s: skipped %d broken rows", path, result.skipped)
   return result.queries
 
 
-def load_data(c: ml_collections.ConfigDict) -> tuple[list[Query], dict[str, list[Query]]]:
-  """(training queries, evaluation sets by name)."""
+def load_data(c: ml_collections.ConfigDict, tokenizer=None) -> tuple[list[Query], dict[str, list[Query]]]:
+  """(training queries, evaluation sets by name), each query's plain prompt checked against rollout.max_prompt_len
+  with `tokenizer` (default: the policy checkpoint's): over it is an error or, with data.too_long="skip", dropped."""
   eval_sets = {**{name: _read(path, c) for name, path in parse_eval_sets(c.eval.sets).items()}, **builtin_sets(c)}
   if c.data.source == "file":
-    return _read(c.data.train_path, c), eval_sets
+    train = _read(c.data.train_path, c, c.data.messages_field)
+  else:
+    train = problem_queries(builtin_train_problems(c))
+  if tokenizer is None:
+    checkpoint = policy_checkpoint(c)  # None: a built-in base still to build, whose tokenizer is the character one
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else build_char_tokenizer()
+
+  def fitting(queries: list[Query], what: str) -> list[Query]:
+    return check_prompt_lengths(tokenizer, queries, c.data.prompt_format, c.rollout.max_prompt_len,
+                                too_long=c.data.too_long, enable_thinking=c.model.enable_thinking, what=what)
+
+  return (fitting(train, "training query"),
+          {name: fitting(queries, f"eval set {name!r} query") for name, queries in eval_sets.items()})
+
+
+def builtin_train_problems(c: ml_collections.ConfigDict) -> list[arithmetic.Problem]:
+  """The built-in task's training problems: easy ones, then hard ones (config.data.builtin_*)."""
   world = builtin_world(c)
   n_hard = int(round(c.data.builtin_train_size * c.data.builtin_hard_fraction))
-  train = (builtin_queries(world, "easy", c.data.builtin_train_size - n_hard, c.seed)
-           + builtin_queries(world, "hard", n_hard, c.seed + 1))
-  return train, eval_sets
+  return (arithmetic.sample_problems(world, "easy", c.data.builtin_train_size - n_hard, c.seed)
+          + arithmetic.sample_problems(world, "hard", n_hard, c.seed + 1))
 
 
 def evaluate_with_templates(checkpoint: pathlib.Path, c: ml_collections.ConfigDict, mesh, eval_sets,

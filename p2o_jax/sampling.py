@@ -68,6 +68,13 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
+def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[list[int]], list[int]]:
+  """(prompts cut to their last `max_len` tokens, indices of the ones that were longer). verl's truncation='left',
+  which the P^2O authors use for templated prompts: the template's head goes, the question and the generation prompt
+  stay."""
+  return [list(p[-max_len:]) for p in prompts], [i for i, p in enumerate(prompts) if len(p) > max_len]
+
+
 def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
   return next(b for b in buckets if b >= n)
 
@@ -298,7 +305,8 @@ class Sampler:
       if not len(prompt):
         raise ValueError(f"prompt {i} is empty")
       if len(prompt) > self.max_prompt_len:
-        raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len}")
+        raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len} "
+                         "(Policy.generate left-truncates; a direct Sampler call must pass prompts that fit)")
 
   def _call_shape(self, rows: Sequence[Sequence[int]], process_local: bool) -> tuple[int, int, int]:
     """(prompt bucket, the most rows any process passes, processes). Process-local rows are padded to the longest

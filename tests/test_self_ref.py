@@ -1,5 +1,8 @@
-"""Self-Ref: the reference policy writes templates through our sampler; replies without a closed fence are rejected
-and counted, over-long prompts are rejected without a device call, and resumed reflection repeats its draws."""
+"""Self-Ref: the reference policy writes templates through our sampler; every reply is extracted and counted,
+over-long prompts are rejected without a device call, the thinking switch follows p2o.thinking_in_reflection, and
+resumed reflection repeats its draws."""
+
+import types
 
 import numpy as np
 import pytest
@@ -29,12 +32,12 @@ def policy():
   return tiny_policy(1024)
 
 
-def test_unfenced_replies_are_rejected_and_counted(policy):
+def test_every_reply_is_extracted_and_counted(policy):
   reflector = SelfReflector(policy, seed=0, max_new_tokens=8)
   out = reflector.propose([REQUEST, REQUEST])
-  assert out == [None, None]  # a random tiny policy does not write ``` fences
+  assert len(out) == 2
   assert reflector.stats.requests == 2
-  assert reflector.stats.rejected_no_fence + reflector.stats.rejected_empty == 2
+  assert reflector.stats.accepted + reflector.stats.rejected_empty == 2
 
 
 def test_fenced_reply_is_adopted(policy, monkeypatch):
@@ -50,7 +53,30 @@ def test_prompt_over_the_limit_is_rejected_without_sampling(monkeypatch):
   monkeypatch.setattr(small, "generate", lambda *a, **k: pytest.fail("sampled an over-long prompt"))
   reflector = SelfReflector(small, seed=0, max_new_tokens=8)
   assert reflector.propose([REQUEST]) == [None]
-  assert reflector.stats.rejected_no_fence == 1
+  assert reflector.stats.rejected_empty == 1
+
+
+@pytest.mark.parametrize("policy_setting, explicit, expected", [
+    (False, None, False), (True, None, True), (True, False, False), (False, True, True)])
+def test_thinking_follows_the_reflection_setting(policy, monkeypatch, policy_setting, explicit, expected):
+  """p2o.thinking_in_reflection reaches the policy as reflection_enable_thinking; an explicit argument wins."""
+  seen = {}
+  real_ids = policy.prompt_ids
+
+  def prompt_ids(turns, **kwargs):
+    seen["prompt_ids"] = kwargs["enable_thinking"]
+    return real_ids(turns, **kwargs)
+
+  def generate(turns, sampling, **kwargs):
+    seen["generate"] = kwargs["enable_thinking"]
+    return types.SimpleNamespace(texts=["```\nA template.\n```"] * len(turns))
+
+  monkeypatch.setattr(policy, "reflection_enable_thinking", policy_setting)
+  monkeypatch.setattr(policy, "prompt_ids", prompt_ids)
+  monkeypatch.setattr(policy, "generate", generate)
+  reflector = SelfReflector(policy, seed=0, max_new_tokens=8, enable_thinking=explicit)
+  assert reflector.propose([REQUEST]) == ["A template."]
+  assert seen == {"prompt_ids": expected, "generate": expected}
 
 
 def test_resumed_reflector_draws_the_same_replies(policy, monkeypatch):

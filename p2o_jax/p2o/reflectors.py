@@ -50,14 +50,9 @@ def _offline(c, policy: Policy):
 
 
 def _teacher(c, policy: Policy):
-  from p2o_jax.p2o.teacher_ref import TeacherReflector, TeacherRefConfig
+  from p2o_jax.p2o.teacher_ref import TeacherReflector, teacher_config
   del policy
-  p, t = c.p2o, c.p2o.teacher
-  cfg = TeacherRefConfig(base_url=t.base_url, model=t.model, api_key_env=t.api_key_env or None,
-                         timeout_s=t.timeout_s, max_retries=t.max_retries, max_concurrency=t.max_concurrency,
-                         temperature=p.reflection_temperature, max_tokens=p.reflection_max_new_tokens,
-                         max_template_chars=p.max_template_chars)
-  return _OnProcessZero(TeacherReflector(cfg))
+  return _OnProcessZero(TeacherReflector(teacher_config(c)))
 
 
 def _self(c, policy: Policy):
