@@ -23,16 +23,19 @@ from p2o_jax.run_dir import RunDir
 
 TABLE_FILENAME, PLOT_FILENAME = "comparison.md", "comparison.png"
 
-# method -> config overrides; "k2" doubles rollout.num_samples (GRPO with 2K rollouts per query).
+# method -> config overrides; "k2" doubles rollout.num_samples (GRPO with 2K rollouts per query). The paper's
+# baselines: GRPO (K and 2K), DAPO's dynamic sampling alone, and teacher-distilled SFT (p2o_jax/teacher_sft.py).
 METHODS = {
     "grpo": {"p2o.enabled": False},
     "grpo_2k": {"p2o.enabled": False, "rollout.num_samples": "k2"},
+    "dapo": {"p2o.enabled": False, "grpo.dynamic_sampling": True},
+    "teacher_sft": {"p2o.enabled": False},
     "p2o": {"p2o.enabled": True},
     "p2o_templated": {"p2o.enabled": True, "p2o.distillation": "templated"},  # ablation: w/o context distillation
-    "p2o_same_template": {"p2o.enabled": True, "p2o.same_template_in_group": True},  # ablation
+    "p2o_same_template": {"p2o.enabled": True, "p2o.same_template_in_sample": True},  # ablation
 }
-LABELS = {"grpo": "GRPO (K)", "grpo_2k": "GRPO (2K)", "p2o": "P^2O", "p2o_templated": "P^2O w/o distillation",
-          "p2o_same_template": "P^2O same template in group"}
+LABELS = {"grpo": "GRPO (K)", "grpo_2k": "GRPO (2K)", "dapo": "DAPO dynamic sampling", "teacher_sft": "teacher SFT",
+          "p2o": "P^2O", "p2o_templated": "P^2O w/o distillation", "p2o_same_template": "P^2O same template in group"}
 
 
 def method_config(base: ml_collections.ConfigDict, method: str, seed: int,
@@ -47,14 +50,16 @@ def method_config(base: ml_collections.ConfigDict, method: str, seed: int,
   return c
 
 
-def run_one(c: ml_collections.ConfigDict) -> dict:
+def run_one(c: ml_collections.ConfigDict, method: str) -> dict:
   """Train (or resume, or reuse when finished) one run; its history."""
-  from p2o_jax.experiment import run_training  # pylint: disable=import-outside-toplevel  (JAX: only when training)
+  # pylint: disable=import-outside-toplevel  (JAX: only when training)
+  from p2o_jax.experiment import run_training
+  from p2o_jax.teacher_sft import run_teacher_sft
   done = RunDir.from_config(c).history
   if done.is_file():
     logging.info("%s: finished earlier, reusing its results", c.workdir)
     return json.loads(done.read_text())
-  return run_training(c)
+  return run_teacher_sft(c) if method == "teacher_sft" else run_training(c)
 
 
 def run_comparison(base: ml_collections.ConfigDict, methods: Sequence[str], seeds: int, workdir: pathlib.Path,
@@ -67,7 +72,7 @@ def run_comparison(base: ml_collections.ConfigDict, methods: Sequence[str], seed
     for method in methods:
       c = method_config(base, method, seed, workdir)
       logging.info("=== %s, seed %d -> %s", LABELS[method], seed, c.workdir)
-      histories.setdefault(method, []).append(run_one(c))
+      histories.setdefault(method, []).append(run_one(c, method))
       runs.setdefault(method, []).append(pathlib.Path(c.workdir))
   return summarize(runs, workdir, eval_set=eval_set, labels=LABELS, histories=histories)
 

@@ -1,5 +1,7 @@
 """DAPO dynamic sampling in the trainer: zero-variance groups are dropped and refilled from further batches."""
 
+import dataclasses
+
 import numpy as np
 
 from p2o_jax import sharding
@@ -9,6 +11,7 @@ from p2o_jax.data.records import Query
 from p2o_jax.models.builtin import builtin_model_config
 from p2o_jax.models.decoder import Decoder
 from p2o_jax.policy import Policy
+from p2o_jax.rl.dynamic_sampling import select_groups
 from p2o_jax.rl.rollout import Rollouts
 from p2o_jax.rl.trainer import Trainer, _Timer
 
@@ -69,3 +72,14 @@ def test_without_enough_varied_groups_flat_ones_fill_the_batch(tmp_path):
   assert sum(rewards[q.id][0] != rewards[q.id][1] for q in kept) == 1
   state = trainer.iterator.state()  # it drew one more batch, as max_batches allows: the epoch's second and last
   assert (state["epoch"], state["step"]) == (1, 0)
+
+
+def test_kept_groups_keep_their_templated_flags_and_reward_terms():
+  queries = [Query(f"q{i}", f"Q{i}", "1") for i in range(2)]
+  a = dataclasses.replace(fake_rollouts(queries[:1], {"q0": [0, 1]}), templated=np.array([True, False]),
+                          reward_terms={"math": np.array([0, 1], np.float32)})
+  b = dataclasses.replace(fake_rollouts(queries[1:], {"q1": [1, 0]}), templated=np.array([False, True]),
+                          reward_terms={"math": np.array([1, 0], np.float32)})
+  merged = select_groups([(b, 0), (a, 0)], K)
+  assert merged.is_templated().tolist() == [False, True, True, False]  # not re-derived from the prompt ids
+  assert merged.reward_terms["math"].tolist() == [1, 0, 0, 1]

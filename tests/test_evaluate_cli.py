@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from p2o_jax import checkpoint, evaluation, experiment, sharding
+from p2o_jax.data import sources
 from p2o_jax.checkpoint import Checkpointer
 from p2o_jax.config import ConfigError, base_config
 from p2o_jax.evaluation import EvalProtocol
@@ -80,7 +81,7 @@ def demo_verifier_score(responses, references) -> np.ndarray:
   return np.asarray([math_reward(r, a, "last_number") for r, a in zip(responses, references)], np.float32)
 
 
-def independent_accuracy(model, tokenizer, rows, question_field: str, score=on_answers(parity_score)) -> tuple[float, list[str]]:
+def independent_accuracy(model, tokenizer, rows, question_field: str, score=parity_score) -> tuple[float, list[str]]:
   """Accuracy of `rows` by hand: protocol chosen here from the set size, one sampler call, scores averaged."""
   small = len(rows) < SMALL_SET_SIZE
   cfg, n = (SamplingConfig(MAX_NEW, temperature=TEMPERATURE), SAMPLES) if small else (SamplingConfig(MAX_NEW, 0.0), 1)
@@ -289,3 +290,20 @@ def test_the_report_averages_over_sets_and_lands_in_metrics(tmp_path):
   assert record["step"] == 30 and record["eval/average_accuracy"] == pytest.approx(0.4625)
   assert record["eval/aime24/accuracy"] == 0.125
   assert list((tmp_path / TENSORBOARD_DIRNAME).iterdir())  # the event file
+
+
+def test_prepared_benchmarks_evaluate_into_the_paper_table(files, tmp_path):
+  """prepare -> evaluate on two benchmark fixtures with their real columns; the table's average is over sets."""
+  fixtures = pathlib.Path(__file__).parent / "fixtures" / "datasets"
+  for name, fixture in (("aime24", "aime24_h4"), ("math500", "math500")):
+    sources.prepare(name, str(fixtures / fixture), tmp_path / name)
+  c = make_config(files, f"aime24={tmp_path / 'aime24' / 'test.jsonl'},math500={tmp_path / 'math500' / 'test.jsonl'}")
+  c.rollout.max_prompt_len = 256
+  def length_parity(responses, queries):  # a stand-in verifier for LaTeX answers a tiny random policy never writes
+    return np.asarray([float(len(r) % 2 == 0) for r in responses], np.float32)
+
+  results = evaluation.run_evaluation(c, files["policy"], score=length_parity, include_builtin=False)
+  sets = results["sets"]
+  assert {name: r["num_problems"] for name, r in sets.items()} == {"aime24": 3, "math500": 2}
+  average = (sets["aime24"]["accuracy"] + sets["math500"]["accuracy"]) / 2
+  assert evaluation.render_table(results).splitlines()[-1].endswith(f"**{100 * average:.2f}** |")

@@ -12,6 +12,8 @@ from p2o_jax.rl import losses
 
 B, T, MAX_LEN = 8, 16, 20
 MODES = sorted(losses.AGGREGATIONS)
+# Modes whose loss is the same however the rows are cut into micro-batches ("microbatch-token-mean" is verl's, not).
+EXACT_MODES = [m for m in MODES if m != "microbatch-token-mean"]
 ESTIMATORS = sorted(losses.KL_ESTIMATORS)
 # (clip_low, clip_high, dual_clip): symmetric with dual clip, clip-higher, and no dual clip.
 CLIPS = [(0.2, 0.2, 3.0), (0.2, 0.28, 3.0), (0.2, 0.28, None)]
@@ -60,6 +62,8 @@ def numpy_coefficients(mask, mode):
   rows = np.count_nonzero(tokens)
   if mode == "token-mean":
     return m / m.sum(), m.sum()
+  if mode == "microbatch-token-mean":  # one call = one micro-batch: its token-mean, times its rows over its rows
+    return m / m.sum(), len(m)
   if mode == "seq-mean-token-mean":
     return m / np.maximum(tokens, 1)[:, None] / rows, rows
   return m / MAX_LEN / rows, rows
@@ -135,7 +139,7 @@ def test_zero_kl_coef_needs_no_reference():
     losses.policy_loss(logp, old_logp, advantages, mask, losses.PolicyLossConfig(kl_coef=0.01))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EXACT_MODES)
 def test_micro_batch_accumulation_is_exact(mode):
   logp, old_logp, ref_logp, advantages, mask = make_batch(seed=3)
   cfg = losses.PolicyLossConfig(aggregation=mode, max_response_len=MAX_LEN, kl_coef=0.05)
@@ -158,10 +162,62 @@ def test_micro_batch_accumulation_is_exact(mode):
     assert clipped == float(full_metrics["clipped_token_count"])
 
 
+def accumulated(logp, old_logp, advantages, mask, mode, n_micro):
+  """The train step's arithmetic: (sum of the micro-batches' loss_sum) / (sum of their denominators)."""
+  cfg = losses.PolicyLossConfig(aggregation=mode)
+  parts = [losses.policy_loss(*xs, cfg)[:2] for xs in zip(*(jnp.split(x, n_micro) for x in
+                                                            (logp, old_logp, advantages, mask)))]
+  return sum(p[0] for p in parts) / sum(p[1] for p in parts)
+
+
+def numpy_microbatch_coefficients(mask, n_micro):
+  """verl's accumulation (dp_actor.update_policy): micro-batch m's token-mean scaled by rows_m / rows."""
+  coef = np.zeros(mask.shape)
+  for rows in np.split(np.arange(len(mask)), n_micro):
+    m = mask[rows].astype(np.float64)
+    coef[rows] = m / max(m.sum(), 1.0) * len(rows) / len(mask)
+  return coef
+
+
+def test_microbatch_token_mean_by_hand():
+  """Two micro-batches of two rows, ratio 1 (token loss = -A, d loss / d logp = -A per token)."""
+  advantages = np.array([1.0, -1.0, 2.0, 2.0], np.float32)
+  logp = np.full((4, 3), -1.0, np.float32)
+  for lengths, want_global, want_micro in [
+      # tokens 4 | 4: both -10 / 8 = -1.25
+      ([3, 1, 2, 2], -1.25, -1.25),
+      # tokens 4 | 1: global (-3 + 1 - 2) / 5 = -0.8; micro 2/4 * (-2 / 4) + 2/4 * (-2 / 1) = -1.25
+      ([3, 1, 1, 0], -0.8, -1.25)]:
+    mask = np.arange(3)[None, :] < np.array(lengths)[:, None]
+    for mode, want in (("token-mean", want_global), ("microbatch-token-mean", want_micro)):
+      loss = lambda lp: accumulated(lp, logp, advantages, mask, mode, 2)
+      assert float(jax.jit(loss)(logp)) == pytest.approx(want)
+      coef = numpy_microbatch_coefficients(mask, 2) if mode != "token-mean" else mask / mask.sum()
+      np.testing.assert_allclose(np.asarray(jax.grad(loss)(logp)), -advantages[:, None] * coef, rtol=1e-6)
+    # The whole mini-batch in one call is the global token-mean under either mode.
+    whole = accumulated(logp, logp, advantages, mask, "microbatch-token-mean", 1)
+    assert float(whole) == pytest.approx(want_global)
+
+
+@pytest.mark.parametrize("n_micro", [2, 4])
+def test_microbatch_token_mean_matches_numpy_and_differs_from_the_global_one(n_micro):
+  logp, old_logp, _, advantages, mask = make_batch(seed=6)
+  token_loss, token_grad, _ = numpy_ppo(logp, old_logp, advantages, 0.2, 0.2, 3.0)
+  coef = numpy_microbatch_coefficients(mask, n_micro)
+  loss = lambda lp: accumulated(lp, old_logp, advantages, mask, "microbatch-token-mean", n_micro)
+  np.testing.assert_allclose(float(jax.jit(loss)(logp)), np.sum(coef * token_loss), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(logp)), coef * token_grad, rtol=1e-5, atol=1e-6)
+  tokens = mask.reshape(n_micro, -1).sum(axis=1)
+  assert len(set(tokens.tolist())) > 1  # make_batch's rows have unequal lengths: the two means must differ
+  global_mean = float(accumulated(logp, old_logp, advantages, mask, "token-mean", n_micro))
+  assert abs(float(loss(logp)) - global_mean) > 1e-3
+
+
 def test_aggregation_ignores_non_finite_loss_at_padding():
   loss = np.array([[1.0, np.nan], [np.inf, 3.0]], np.float32)
   mask = np.array([[1, 0], [0, 1]], bool)
-  expected = {"token-mean": (4.0, 2.0), "seq-mean-token-mean": (4.0, 2.0), "seq-mean-token-sum-norm": (2.0, 2.0)}
+  expected = {"token-mean": (4.0, 2.0), "seq-mean-token-mean": (4.0, 2.0), "seq-mean-token-sum-norm": (2.0, 2.0),
+              "microbatch-token-mean": (4.0, 2.0)}
   for mode, want in expected.items():
     got = losses.aggregate(loss, mask, mode, max_response_len=2)
     np.testing.assert_allclose([float(g) for g in got], want)
@@ -220,7 +276,7 @@ def test_no_gradient_flows_through_context_ratio_weights(mode):
 def test_bad_configuration_is_a_value_error():
   with pytest.raises(ValueError, match="dual_clip must be > 1"):
     losses.PolicyLossConfig(dual_clip=1.0)
-  with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; valid: \['seq-mean-token-mean'"):
+  with pytest.raises(ValueError, match=r"unknown aggregation 'mean'; valid: \['microbatch-token-mean', 'seq-mean"):
     losses.PolicyLossConfig(aggregation="mean")
   with pytest.raises(ValueError, match="needs max_response_len"):
     losses.PolicyLossConfig(aggregation="seq-mean-token-sum-norm")

@@ -27,6 +27,7 @@ from p2o_jax.metrics import read_metrics
 from p2o_jax.models.builtin import build_builtin_checkpoint
 from p2o_jax.models.hf_checkpoint import load_hf_model, save_hf_model
 from p2o_jax.models.tokenizer import load_tokenizer
+from p2o_jax.rewards.functions import RewardScores
 from p2o_jax.rl.batch_layout import from_micro_batches, to_micro_batches
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
@@ -280,7 +281,10 @@ def test_host_helpers_with_one_process():
   assert distributed.allgather_json({"a": [1]}) == [{"a": [1]}]
   assert distributed.broadcast_json(["b"]) == ["b"]
   np.testing.assert_array_equal(distributed.broadcast(x), x)
-  assert distributed.scored_on_process_zero(len) is len  # one process: no wrapper, no collective
+  # One process: no collective; the lockstep score is the correctness reward (the first function), as a float32 array.
+  scores = RewardScores(np.float32([1.5, 0.5]), {"math": np.float32([1, np.nan]), "fmt": np.float32([0.5, 0.5])})
+  lockstep = distributed.scored_on_process_zero(lambda texts, queries: scores)(["a", "b"], [None, None])
+  assert lockstep.dtype == np.float32 and lockstep.tolist() == [1.0, 0.0]
   with pytest.raises(ValueError, match="int64"):
     distributed.allgather(np.arange(3, dtype=np.int64))
   with pytest.raises(ValueError, match="float64"):

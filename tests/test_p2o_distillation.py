@@ -46,8 +46,8 @@ def rollouts_for(distillation, setup):
   hooks.assignment = {"b": [TEMPLATE, "", TEMPLATE, TEMPLATE]}  # query b is hard: 3 templated rows, 1 plain
   turns = [q.question for q in QUERIES]
   contexts = hooks.contexts(QUERIES, turns, K)
-  reward = lambda texts, answers: np.asarray([len(t) % 2 for t in texts], np.float32)  # any fixed rewards will do
-  rollouts = collect_rollouts(policy, contexts, [q.answer for q in QUERIES], K,
+  reward = lambda texts, queries: np.asarray([len(t) % 2 for t in texts], np.float32)  # any fixed rewards will do
+  rollouts = collect_rollouts(policy, contexts, QUERIES, K,
                               SamplingConfig(max_new_tokens=6, temperature=1.0), seed=3, score=reward)
   return hooks, rollouts
 
@@ -77,6 +77,25 @@ def test_templated_rows_are_generated_from_x_tilde_and_trained_on_x(setup):
   assert rollouts.train_prompt_ids == [plain_ids[0]] * K + [plain_ids[1]] * K
   assert rollouts.generate_prompt_ids[K:] == [templated_ids, plain_ids[1], templated_ids, templated_ids]
   assert rollouts.is_templated().tolist() == [False] * K + [True, False, True, True]
+
+
+def test_templated_ablation_counts_the_rows_rolled_out_with_a_template(setup):
+  """Under distillation="templated" a row is trained on the context it was generated from, so the prompt ids cannot
+  tell templated rows apart: the contexts say which rows had a template, and the per-step counts and the ratio log
+  follow them (no ratio mask or ratio log: there are no plain-context log-probs to compare with)."""
+  tokenizer, model, _ = setup
+  hooks, rollouts = rollouts_for("templated", setup)
+  assert rollouts.train_prompt_ids == rollouts.generate_prompt_ids
+  assert rollouts.is_templated().tolist() == [False] * K + [True, False, True, True]
+  metrics = hooks.observe(QUERIES, rollouts)
+  assert (metrics["p2o/templated_rows"], metrics["p2o/templated_queries"]) == (3, 1)
+  packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id, 96)
+  _, weights, metrics = hooks.train_inputs(rollouts, packed, old_logprobs(model, packed))
+  assert (weights == 1).all() and not any(k.startswith("p2o/template_ratio") for k in metrics)
+  hooks.end_epoch(0, last=True)
+  hooks.assignment = {"b": [TEMPLATE, "", TEMPLATE, TEMPLATE]}
+  hooks.observe(QUERIES, rollouts)
+  assert hooks.epoch_stats.templated_rows == 3 and hooks.epoch_stats.plain_rows == 1
 
 
 @pytest.mark.slow

@@ -114,5 +114,5 @@ def test_compare_method_configs_differ_only_where_the_method_says(tmp_path, meth
   assert c.rollout.num_samples == (2 * base.rollout.num_samples if method == "grpo_2k" else base.rollout.num_samples)
   assert c.p2o.enabled == method.startswith("p2o")
   assert c.p2o.distillation == ("templated" if method == "p2o_templated" else "plain")
-  assert c.p2o.same_template_in_group == (method == "p2o_same_template")
+  assert c.p2o.same_template_in_sample == (method == "p2o_same_template")
   assert c.train.to_dict() == base.train.to_dict() and c.optim.to_dict() == base.optim.to_dict()

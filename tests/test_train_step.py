@@ -11,7 +11,7 @@ from flax import nnx
 
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder, positions_from_mask
-from p2o_jax.rl.losses import PolicyLossConfig
+from p2o_jax.rl.losses import PolicyLossConfig, ppo_token_losses
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 
 ROWS, PROMPT, RESPONSE = 8, 6, 5
@@ -53,7 +53,7 @@ def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7, chunk_s
   before = jax.tree.map(np.asarray, params)
   new_params, _, metrics = step(params, optimizer.init(params), as_micro(rows, micro))
   delta = jax.tree.map(lambda a, b: np.asarray(a) - b, new_params, before)
-  return delta, jax.device_get(metrics)
+  return delta, {**jax.device_get(metrics), "old_logp": rows["old_logp"]}
 
 
 # Slow (10-15 s each); the fast tier keeps the loss-level check (tests/test_losses.py, micro-batch accumulation).
@@ -68,6 +68,42 @@ def test_accumulated_gradient_equals_full_batch(aggregation):
     np.testing.assert_allclose(metrics["loss"], full_metrics["loss"], rtol=1e-5)
     assert metrics["clip_fraction"] == pytest.approx(full_metrics["clip_fraction"])
   assert float(np.abs(np.concatenate([x.ravel() for x in jax.tree.leaves(full)])).max()) > 0
+
+
+def reference_sgd_delta(rows, coef_bt, temperature=0.7):
+  """-grad of sum(coef * w * ppo_loss), log-probs from a plain forward pass over the packed rows: the update one SGD
+  step of lr 1 must make, for token coefficients `coef_bt` derived in NumPy."""
+  graphdef, params = nnx.split(tiny_model())
+
+  def loss(p, coef):
+    logits = nnx.merge(graphdef, p)(jnp.asarray(rows["tokens"]), positions_from_mask(jnp.asarray(rows["valid"])),
+                                    jnp.asarray(rows["valid"]))[0][:, PROMPT - 1:-1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature, axis=-1),
+                               jnp.asarray(rows["tokens"][:, PROMPT:, None]), -1)[..., 0]
+    token_loss, _ = ppo_token_losses(logp, jnp.asarray(rows["old_logp"]), jnp.asarray(rows["advantages"]))
+    return jnp.sum(coef * rows["token_weights"] * token_loss)
+
+  return jax.tree.map(lambda g: -np.asarray(g), jax.jit(jax.grad(loss))(params, coef_bt.astype(np.float32)))
+
+
+@pytest.mark.slow  # ~15 s; the fast tier has the loss-level check (tests/test_losses.py, test_microbatch_token_mean_*)
+def test_train_step_gradient_under_each_token_mean():
+  """Two micro-batches with 17 and 20 valid tokens: the global token-mean weighs every token 1/37; verl's
+  micro-batch token-mean weighs micro-batch m's tokens (rows_m / rows) / tokens_m = 1/34 and 1/40."""
+  rows = random_rows()
+  mask = rows["response_mask"].astype(np.float64)
+  assert mask[:4].sum() == 17 and mask[4:].sum() == 20
+  coefs = {"token-mean": mask / mask.sum(),
+           "microbatch-token-mean": mask * np.repeat([0.5 / mask[:4].sum(), 0.5 / mask[4:].sum()], 4)[:, None]}
+  deltas = {}
+  for aggregation, coef in coefs.items():
+    delta, metrics = one_sgd_step(rows, micro=4, aggregation=aggregation)
+    rows["old_logp"] = metrics.pop("old_logp")
+    want = reference_sgd_delta(rows, coef)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), delta, want)
+    deltas[aggregation] = delta
+  gaps = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), *deltas.values()))
+  assert max(gaps) > 1e-4  # the two aggregations really move the params differently here
 
 
 def test_loss_at_ratio_one_is_minus_weighted_mean_advantage():

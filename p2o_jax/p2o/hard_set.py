@@ -1,4 +1,8 @@
-"""Hard-sample tracking: queries whose K rollouts had at most `max_correct` successes during this epoch."""
+"""Hard-sample tracking: queries whose K rollouts had at most `max_correct` successes during this epoch.
+
+config.p2o.hard_max_correct is the authors' add_near_hard (their `_collect_very_hard_samples`): True, their default,
+adds "exactly one right" to "all wrong", i.e. max_correct=1; False is max_correct=0. Larger values are our extension.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,43 @@ class _EpochStats:
   assigned_groups_with_signal: int = 0
 
 
+def template_ratio_metrics(log_rho_bt: np.ndarray, templated_bt: np.ndarray, weights_bt: np.ndarray, *, low: float,
+                           high: float, masked: bool) -> dict[str, float]:
+  """The authors' per-step `template_ratio` log over the templated response tokens of all processes: rho's max, min,
+  mean and std (unbiased, as torch's), the fractions below `low` and above `high`, and (with a ratio mask on) the
+  fraction whose loss weight is not 1 (zeroed by the hard mask, rescaled by the soft one). {} without such tokens.
+
+  A collective: every process calls it, with or without templated rows."""
+  log_rho = log_rho_bt[templated_bt]
+  rho = np.exp(log_rho.astype(np.float64))
+  n = rho.size
+  mean = rho.mean() if n else 0.0
+  # The bounds compared in log space in the log-probs' dtype, as context_ratio_weights does: a rho at a bound is inside.
+  below = log_rho < np.asarray(math.log(low), log_rho.dtype)
+  above = log_rho > np.asarray(math.log(high), log_rho.dtype)
+  local = np.asarray([n, rho.sum(), np.square(rho - mean).sum(), rho.max(initial=-np.inf), rho.min(initial=np.inf),
+                      below.sum(), above.sum(), (weights_bt[templated_bt] != 1).sum()], np.float32)
+  per_process = distributed.allgather(local).astype(np.float64)
+  counts = per_process[:, 0]
+  total = counts.sum()
+  if not total:
+    return {}
+  mean = per_process[:, 1].sum() / total
+  local_means = per_process[:, 1] / np.maximum(counts, 1)
+  m2 = (per_process[:, 2] + counts * np.square(local_means - mean)).sum()  # Chan et al.'s parallel variance
+  metrics = {
+      "p2o/template_ratio/max": float(per_process[:, 3].max()),
+      "p2o/template_ratio/min": float(per_process[:, 4].min()),
+      "p2o/template_ratio/mean": float(mean),
+      "p2o/template_ratio/std": float(np.sqrt(m2 / (total - 1))) if total > 1 else 0.0,
+      "p2o/template_ratio/low_fraction": float(per_process[:, 5].sum() / total),
+      "p2o/template_ratio/high_fraction": float(per_process[:, 6].sum() / total),
+  }
+  if masked:
+    metrics["p2o/ratio_masked_token_fraction"] = float(per_process[:, 7].sum() / total)
+  return metrics
+
+
 class P2OHooks(TrainerHooks):
   """State: this epoch's hard-set tracker, the templates assigned for this epoch, and a pending GEPA (if a run
   stopped between the end of an epoch and the end of its search)."""
@@ -62,33 +100,52 @@ class P2OHooks(TrainerHooks):
   # ---- during an epoch ----------------------------------------------------------------------------------------
 
   def contexts(self, queries: Sequence[Query], user_turns: Sequence[str], group_size: int) -> RowContexts:
-    generate, train = [], []
+    generate, train, templated = [], [], []
     for query, turn in zip(queries, user_turns):
-      templates = self.assignment.get(query.id, [""] * group_size)
-      for template in templates:
-        templated = apply_template(template, turn)
-        generate.append(templated)
-        train.append(templated if self.distillation.train_on_template else turn)
-    return RowContexts(generate=generate, train=train)
+      for template in self.templates_for(query.id, group_size):
+        templated_turn = apply_template(template, turn)
+        generate.append(templated_turn)
+        train.append(templated_turn if self.distillation.train_on_template else turn)
+        templated.append(templated_turn != turn)  # said explicitly: under "templated" distillation train == generate
+    return RowContexts(generate=generate, train=train, templated=templated)
+
+  def templates_for(self, query_id: str, group_size: int) -> list[str]:
+    """The K templates a query's rollouts are generated from this epoch ("" = plain)."""
+    if query_id not in self.assignment:
+      return [""] * group_size
+    templates = list(self.assignment[query_id])
+    if self.p.left_1_no_template_rollout:  # the authors blank the last of the K at assignment; templates live an epoch
+      templates[-1] = ""
+    return templates
 
   def train_inputs(self, rollouts, packed, old_logp):
-    weights = np.ones(packed["response_mask"].shape, np.float32)
+    """Context ratio mask (weights), the behaviour old log-probs of "importance" distillation, and with
+    p2o.drop_failed_template_rollout the failed templated rows taken out of the loss: their response_mask is cleared in
+    `packed` (the trainer builds the train batch from it after this call), so, as in the authors' code, they leave the
+    token-mean's denominator too; their group's advantages were computed with them. "Failed": not correct by the
+    correctness reward (the authors: total reward 0, the same when correctness is the only reward).
+
+    The ratio rho = pi(y|x) / pi(y|x~) needs a row's log-probs on both contexts; rows trained on their template
+    ("templated" distillation) have only x~, so there neither mask nor ratio statistics apply. Every metric is over all
+    processes' rows (each process takes part in the gathers whether or not it holds templated rows)."""
+    response_mask = packed["response_mask"]
+    weights = np.ones(response_mask.shape, np.float32)
     templated = rollouts.is_templated()
-    response_len = packed["response_mask"].shape[1]
-    behaviour_logp = rollouts.sampler_logp[:, :response_len]
+    behaviour_logp = rollouts.sampler_logp[:, :response_mask.shape[1]]
     metrics = {}
-    if self.p.ratio_mask != RATIO_MASK_OFF:
-      if templated.any():
+    if not self.distillation.train_on_template:
+      if self.p.ratio_mask != RATIO_MASK_OFF and templated.any():
         ratio_w = np.asarray(context_ratio_weights(jnp.asarray(old_logp), jnp.asarray(behaviour_logp),
                                                    low=self.p.ratio_low, high=self.p.ratio_high,
                                                    mode=self.p.ratio_mask))
         weights = np.where(templated[:, None], ratio_w, 1.0).astype(np.float32)
-      valid = packed["response_mask"] & templated[:, None]
-      # Counted over all processes, so every process takes part whether or not it has templated rows.
-      masked, total = distributed.allgather(np.asarray([((weights == 0) & valid).sum(), valid.sum()], np.int32)
-                                            ).sum(axis=0)
-      if total:
-        metrics["p2o/ratio_masked_token_fraction"] = float(masked / total)
+      metrics.update(template_ratio_metrics(old_logp - behaviour_logp, response_mask & templated[:, None], weights,
+                                            low=self.p.ratio_low, high=self.p.ratio_high,
+                                            masked=self.p.ratio_mask != RATIO_MASK_OFF))
+    if self.p.drop_failed_template_rollout:
+      failed = templated & ~rollouts.correct()
+      packed["response_mask"] = response_mask & ~failed[:, None]
+      metrics["p2o/dropped_failed_templated_rows"] = float(distributed.allgather(np.int32(failed.sum())).sum())
     if self.distillation.behaviour_old_logp and templated.any():
       # The behaviour policy is the templated context: the PPO ratio then carries pi(y|x) / pi_old(y|x~).
       old_logp = np.where(templated[:, None], behaviour_logp, old_logp).astype(np.float32)
@@ -114,7 +171,9 @@ class P2OHooks(TrainerHooks):
       s.templated_rows += int(templated_gk[g].sum())
       s.plain_rewards += float(rewards_gk[g][~templated_gk[g]].sum())
       s.plain_rows += int((~templated_gk[g]).sum())
-    return {"p2o/hard_in_batch": float(hard.mean()), "p2o/hard_set_size": float(len(self.tracker.ids))}
+    return {"p2o/hard_in_batch": float(hard.mean()), "p2o/hard_set_size": float(len(self.tracker.ids)),
+            "p2o/templated_rows": float(templated.sum()),
+            "p2o/templated_queries": float(templated_gk.any(axis=1).sum())}
 
   def _epoch_summary(self) -> dict[str, float]:
     s = self.epoch_stats

@@ -52,5 +52,6 @@ def select_groups(chosen: list[tuple[Rollouts, int]], k: int) -> Rollouts:
                   train_prompt_ids=[r.train_prompt_ids[i] for r, i in zip(sources, rows)],
                   tokens=stack("tokens"), mask=stack("mask"), sampler_logp=stack("sampler_logp"),
                   rewards=np.asarray([r.rewards[i] for r, i in zip(sources, rows)], np.float32),
+                  templated=np.asarray([r.is_templated()[i] for r, i in zip(sources, rows)], bool),
                   reward_terms={name: np.asarray([r.reward_terms[name][i] for r, i in zip(sources, rows)], np.float32)
                                 for name in sources[0].reward_terms} if sources else {})

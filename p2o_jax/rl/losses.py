@@ -4,6 +4,21 @@ weights, token entropy, and `policy_loss`, the composition the train step calls.
 Losses come back as (loss_sum, denominator), not as a mean, so gradient accumulation stays exact: the caller sums both
 over micro-batches and divides once. `mask_bt` is always the 0/1 validity mask of response tokens; per-token weights
 (e.g. `context_ratio_weights`) multiply the loss before aggregation and never touch the denominator.
+
+Two token-means (config grpo.aggregation):
+- "token-mean" (our default): the global token-mean of the mini-batch, sum of token losses / its valid tokens, the
+  same number however the mini-batch is cut into micro-batches or spread over devices.
+- "microbatch-token-mean": what the P^2O authors' code computes (their verl fork, workers/actor/dp_actor.py
+  `update_policy` with trainer/ppo/core_algos.py `agg_loss`): each micro-batch's own token-mean, scaled by its rows /
+  the mini-batch's rows, accumulated. The two agree when every micro-batch has the same valid tokens per row (equal
+  token counts, as our micro-batches have equal rows); otherwise a token in a micro-batch of short responses weighs
+  more. Our micro-batch is the
+  unit of gradient accumulation (grpo.micro_batch_size rows over all batch devices); verl's is one GPU's share, packed
+  to ~16k tokens, a grouping we cannot reproduce, so this option reproduces the kind of weighting, not the numbers.
+Why the default departs from the authors' code: their per-micro-batch normalization is verl's accumulation bug, not
+a choice of P^2O (the paper states token-mean; verl's newer engines divide by the global token count, agg_loss's
+batch_num_tokens, and verl issue #5625 reports the legacy path as a bug), and it makes the objective depend on
+grpo.micro_batch_size, which we pick per accelerator for memory, not for the method.
 """
 
 from __future__ import annotations
@@ -90,6 +105,16 @@ def _token_mean(loss_bt, valid_bt, max_response_len):
   return jnp.sum(loss_bt), jnp.sum(valid_bt, dtype=jnp.float32)
 
 
+def _microbatch_token_mean(loss_bt, valid_bt, max_response_len):
+  # verl's token-mean under gradient accumulation: the call's own token-mean, weighted by its rows (rows without
+  # tokens included), so that summed over micro-batches and divided by the mini-batch's rows it is
+  # sum_m rows_m / rows * token_mean_m. One call over the whole mini-batch gives the global token-mean.
+  del max_response_len
+  rows = jnp.float32(loss_bt.shape[0])
+  token_mean = jnp.sum(loss_bt) / jnp.maximum(jnp.sum(valid_bt, dtype=jnp.float32), 1.0)  # 0 with no tokens
+  return token_mean * rows, rows
+
+
 def _seq_mean_token_mean(loss_bt, valid_bt, max_response_len):
   del max_response_len
   tokens_b = jnp.sum(valid_bt, axis=-1, dtype=jnp.float32)
@@ -106,6 +131,7 @@ def _seq_mean_token_sum_norm(loss_bt, valid_bt, max_response_len):
 
 AGGREGATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "token-mean": _token_mean,
+    "microbatch-token-mean": _microbatch_token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
@@ -115,6 +141,9 @@ def aggregate(
     loss_bt: jax.Array, mask_bt: jax.Array, mode: str, *, max_response_len: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """(loss_sum, denominator) of the masked per-token loss; the loss is sum(loss_sum) / sum(denominator).
+
+  Summed over micro-batches, every mode but "microbatch-token-mean" gives the loss of the whole mini-batch; that one
+  is by design a function of which rows each call aggregates (verl's per-micro-batch token-mean).
 
   To weight tokens (e.g. the context ratio mask), multiply loss_bt by the weights first and pass the unweighted
   0/1 mask here: a weighted-out token then still counts in the denominator.

@@ -21,10 +21,12 @@ from p2o_jax.sampling import SamplingConfig, default_buckets, round_up_to_bucket
 
 @dataclasses.dataclass(frozen=True)
 class RowContexts:
-  """Per row (query-major, K rows per query): the user turn to sample from and the one to train on."""
+  """Per row (query-major, K rows per query): the user turn to sample from and the one to train on, and whether the
+  row was generated from a template (None: exactly the rows whose two turns differ)."""
 
   generate: list[str]
   train: list[str]
+  templated: list[bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Rollouts:
   sampler_logp: np.ndarray  # (rows, max_new): log-probs under the GENERATION context
   rewards: np.ndarray  # (rows,) float32: the weighted sum of the reward functions
   reward_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # function name -> (rows,), NaN = None
+  # (rows,) bool: generated from a template. None: derived from the prompt ids, which fails when a row is also trained
+  # on its template (p2o.distillation="templated"), so P^2O's contexts always say it.
+  templated: np.ndarray | None = None
 
   @property
   def num_rows(self) -> int:
@@ -49,7 +54,10 @@ class Rollouts:
     return RewardScores(self.rewards, self.reward_terms).correctness > 0
 
   def is_templated(self) -> np.ndarray:
-    return np.asarray([g != t for g, t in zip(self.generate_prompt_ids, self.train_prompt_ids)])
+    """Per row: whether it was generated from a templated user turn."""
+    if self.templated is not None:
+      return np.asarray(self.templated, bool)
+    return np.asarray([g != t for g, t in zip(self.generate_prompt_ids, self.train_prompt_ids)], bool)
 
 
 def plain_contexts(user_turns: Sequence[str], group_size: int) -> RowContexts:
@@ -69,7 +77,8 @@ def collect_rollouts(policy: Policy, contexts: RowContexts, queries: Sequence[Qu
   scores = as_scores(score(out.texts, row_queries), len(row_queries))
   return Rollouts(group_size=group_size, answers=[q.answer for q in row_queries], texts=out.texts,
                   generate_prompt_ids=out.prompt_ids, train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask,
-                  sampler_logp=out.logprobs, rewards=scores.total, reward_terms=scores.by_function)
+                  sampler_logp=out.logprobs, rewards=scores.total, reward_terms=scores.by_function,
+                  templated=None if contexts.templated is None else np.asarray(contexts.templated, bool))
 
 
 def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:

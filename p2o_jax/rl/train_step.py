@@ -2,7 +2,9 @@
 
 A mini-batch arrives as arrays shaped (micro_batches, micro_batch_size, ...). The loss denominator of the whole
 mini-batch depends only on the masks, so it is computed first; each micro-batch then contributes
-grad(loss_sum_i / denominator), and the accumulated gradient equals the full-batch gradient exactly. Params and
+grad(loss_sum_i / denominator), and the accumulated gradient equals the full-batch gradient exactly. (With
+aggregation "microbatch-token-mean" the denominator is the mini-batch's rows and loss_sum_i is micro-batch i's
+token-mean times its rows: verl's per-micro-batch token-mean, deliberately a function of the micro-batching.) Params and
 optimizer state are donated. Rows may carry per-token weights (P^2O's context ratio mask) and reference log-probs (KL).
 """
 

@@ -64,7 +64,9 @@ class TrainerHooks:
 
   def train_inputs(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(old log-probs, per-token loss weights, metrics) for the packed train rows."""
+    """(old log-probs, per-token loss weights, metrics) for the packed train rows. A hook may also clear tokens of
+    `packed["response_mask"]` to take them out of the loss and its token-mean denominator: the train batch is built
+    from `packed` after this call."""
     return old_logp, np.ones(packed["response_mask"].shape, np.float32), {}
 
   def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
@@ -184,6 +186,7 @@ class Trainer:
   def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
     timer = _Timer()
     self._verify_seconds = 0.0
+    truncated_before = self.policy.prompts_truncated
     start = time.perf_counter()
     rollouts = self.rollout(queries, self._seed(step, 0))
     timer.add("sample", start)
@@ -192,6 +195,9 @@ class Trainer:
     timer.seconds["verify"] = self._verify_seconds  # sampling time above includes verification: split it out
     timer.seconds["sample"] -= self._verify_seconds
     metrics = _rollout_metrics(rollouts)  # a collective: over the global batch
+    # Templated prompts over rollout.max_prompt_len lose their first tokens (as the authors' code does); counted here.
+    truncated = np.int32(self.policy.prompts_truncated - truncated_before)
+    metrics["rollout/prompts_truncated"] = float(distributed.allgather(truncated).sum())
     metrics.update(self.hooks.observe(queries, rollouts))
     metrics.update(self.update(rollouts, timer))
     total = sum(timer.seconds.values())
