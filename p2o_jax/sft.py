@@ -94,8 +94,13 @@ def make_sft_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
 
 def train_sft(model: Decoder, tokenizer, examples: Sequence[tuple[str, str]], cfg: SFTConfig, *,
               show_progress: bool = False) -> dict[str, float]:
-  """Train `model` in place; returns {"steps", "seconds", "final_loss"}."""
-  data = tokenize_examples(tokenizer, examples)
+  """Train `model` in place on (prompt, completion) texts; returns {"steps", "seconds", "final_loss"}."""
+  return train_sft_ids(model, tokenize_examples(tokenizer, examples), cfg, show_progress=show_progress)
+
+
+def train_sft_ids(model: Decoder, data: Sequence[tuple[np.ndarray, np.ndarray]], cfg: SFTConfig, *,
+                  show_progress: bool = False) -> dict[str, float]:
+  """Train `model` in place on tokenized (ids, loss mask) examples; returns {"steps", "seconds", "final_loss"}."""
   optimizer = make_sft_optimizer(cfg)
   graphdef, params = nnx.split(model)
   opt_state = optimizer.init(params)
