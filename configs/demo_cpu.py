@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   # digit has probability ~1e-4, so the context ratio mask would zero exactly the token P^2O must move.
   c.p2o.ratio_mask = "off"
 
+  # The teacher-distilled SFT baseline (compare method teacher_sft): as many updates as the RL runs make, at the scale
+  # of the base's own SFT rate rather than the policy-gradient one.
+  c.teacher_sft.lr = 1e-3
+
   c.eval.builtin_easy = 128
   c.eval.builtin_hard = 128  # >= eval.small_set_size: greedy, per the paper's protocol
   c.eval.every_steps = 8
