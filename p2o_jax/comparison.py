@@ -30,11 +30,13 @@ METHODS = {
     "grpo_2k": {"p2o.enabled": False, "rollout.num_samples": "k2"},
     "dapo": {"p2o.enabled": False, "grpo.dynamic_sampling": True},
     "teacher_sft": {"p2o.enabled": False},
+    "self_reflection": {"p2o.enabled": True, "p2o.search": "self_reflection"},
     "p2o": {"p2o.enabled": True},
     "p2o_templated": {"p2o.enabled": True, "p2o.distillation": "templated"},  # ablation: w/o context distillation
     "p2o_same_template": {"p2o.enabled": True, "p2o.same_template_in_sample": True},  # ablation
 }
 LABELS = {"grpo": "GRPO (K)", "grpo_2k": "GRPO (2K)", "dapo": "DAPO dynamic sampling", "teacher_sft": "teacher SFT",
+          "self_reflection": "self-reflection (no GEPA)",
           "p2o": "P^2O", "p2o_templated": "P^2O w/o distillation", "p2o_same_template": "P^2O same template in group"}
 
 

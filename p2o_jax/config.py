@@ -41,6 +41,7 @@ CHOICES = {
     "p2o.distillation": DISTILLATIONS,
     "p2o.ratio_mask": RATIO_MASKS,
     "p2o.reflector": REFLECTORS,
+    "p2o.search": ("gepa", "self_reflection"),
     "distributed.initialize": INITIALIZE_MODES,
     "distributed.cpu_collectives": CPU_COLLECTIVES,
 }
@@ -131,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
       # remove_dominated: the gepa package's parent pool instead of the authors' (every candidate on some front).
       gepa=dict(dev_size=300, beam_width=16, minibatch_size=3, max_metric_calls=0, max_iters=0,
                 remove_dominated=False),
+      # search: "gepa" (P^2O), or "self_reflection" (the paper's baseline: the policy rewrites its own failed answer
+      # once; p2o_jax/p2o/self_reflection.py).
+      search="gepa",
       reflector="self",  # "self" (frozen reference policy), "teacher" (OpenAI-compatible endpoint), "offline"
       reflection_temperature=0.6, reflection_max_new_tokens=2048, reflection_max_prompt_len=4096,
       max_template_chars=0,  # a longer reflected template is rejected; 0: no cap (the authors' code)
@@ -299,6 +303,7 @@ def _validate_p2o(c: ml_collections.ConfigDict) -> None:
   _require(0 < p.ratio_low < 1 < p.ratio_high, "p2o.ratio_low", f"need 0 < ratio_low < 1 < ratio_high, got "
            f"{p.ratio_low}, {p.ratio_high}")
   _one_of(c, "p2o.reflector")
+  _one_of(c, "p2o.search")
   if p.reflector == "teacher":
     _require(bool(p.teacher.base_url) and bool(p.teacher.model), "p2o.teacher.base_url",
              "the teacher reflector needs p2o.teacher.base_url and p2o.teacher.model")

@@ -23,6 +23,7 @@ from p2o_jax.data.records import Query
 from p2o_jax.p2o.distillation import DISTILLATIONS, RATIO_MASK_OFF
 from p2o_jax.p2o.hard_set import HardSetTracker
 from p2o_jax.p2o.phase import PhaseContext, run_phase
+from p2o_jax.p2o.self_reflection import reflection_phase
 from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS, make_reflector
 from p2o_jax.p2o.templates import apply_template
 from p2o_jax.rl.losses import context_ratio_weights
@@ -209,12 +210,12 @@ class P2OHooks(TrainerHooks):
     return self.pending is not None
 
   def run_phase(self, env: EpochEnv) -> dict[str, float]:
-    if self.reflector is None:
+    if self.reflector is None and self.p.search == "gepa":
       self.reflector = make_reflector(self.c, env.policy)
     ctx = PhaseContext(config=self.c, epoch=self.pending["epoch"],
                        hard_set=[env.query_by_id[i] for i in self.pending["hard_ids"]], policy=env.policy,
                        reflector=self.reflector, score=env.score, run_dir=env.run_dir)
-    result = run_phase(ctx)
+    result = reflection_phase(ctx) if self.p.search == "self_reflection" else run_phase(ctx)
     self.assignment, self.pending = result.assignment, None
     self.gepa_seconds += result.seconds
     return {**result.metrics, "p2o/gepa_seconds": result.seconds,
