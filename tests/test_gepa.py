@@ -22,7 +22,7 @@ from p2o_jax.data.records import Query
 from p2o_jax.p2o import phase
 from p2o_jax.p2o.gepa import (GepaConfig, GepaState, best_candidate, done, evaluate_seed, gepa_iteration, init_state,
                               run_gepa, search_budget, split_hard_set, stop_reason)
-from p2o_jax.p2o.pareto import parent_weights, sample_parents
+from p2o_jax.p2o.pareto import sample_parents
 from p2o_jax.p2o.records import ReflectionRequest, Rollout
 from p2o_jax.p2o.reflection import ReflectionStats
 from p2o_jax.run_dir import RunDir

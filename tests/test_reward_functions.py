@@ -10,7 +10,7 @@ from p2o_jax.data.records import Query
 from p2o_jax.experiment import run_training
 from p2o_jax.metrics import read_metrics
 from p2o_jax.models.builtin import build_builtin_checkpoint
-from p2o_jax.rewards.functions import GRADERS, RewardFunction, RewardFunctionError, RewardScores, resolve, \
+from p2o_jax.rewards.functions import GRADERS, RewardFunctionError, RewardScores, resolve, \
   score_item, weighted_total
 from p2o_jax.rewards.pool import VerifierPool
 
