@@ -206,6 +206,7 @@ class _LongTemplateHooks(TrainerHooks):
     return RowContexts(generate=[apply_template(LONG_TEMPLATE, turn) for turn in rows], train=rows)
 
 
+@pytest.mark.slow
 def test_a_training_step_counts_its_truncated_rollouts_in_the_metrics(qwen3, tmp_path):
   c = base_config()
   c.workdir, c.data.train_path, c.data.prompt_format = str(tmp_path), "unused.jsonl", FORMAT

@@ -119,6 +119,7 @@ def test_later_failures_are_counted_logged_zeros_and_training_goes_on(caplog):
   assert "reward function 'reward_fns:raises_on_bad' failed (ZeroDivisionError)" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_grpo_run_from_the_config_trains_on_the_weighted_sum_and_logs_each_function(tmp_path):
   c = base_config()
   c.workdir = str(tmp_path)
