@@ -340,7 +340,6 @@ def _rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
       "rollout/zero_advantage_fraction": float((rewards_gk.max(axis=1) == rewards_gk.min(axis=1)).mean()),
       "rollout/response_length": float(lengths.mean()),
   }
-  for i, (name, _) in enumerate(terms):  # each function's mean over the rows it scored (None rows left out)
-    values = gathered[:, 3 + i]
-    metrics[f"reward/{name}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+  global_terms = RewardScores(gathered[:, 0], {name: gathered[:, 3 + i] for i, (name, _) in enumerate(terms)})
+  metrics.update({f"reward/{name}_mean": mean for name, mean in global_terms.function_means().items()})
   return metrics
