@@ -85,6 +85,7 @@ def tiny_on_v5e():
 
 
 @needs_libtpu
+@pytest.mark.slow  # its fixture compiles every function of a run for a v5e chip: about a minute
 def test_a_tiny_models_whole_run_compiles_for_one_v5e_chip_and_fits(tiny_on_v5e):
   assert "Memory per chip on v5e-1 (1 chips), 14.90 GiB HBM each" in tiny_on_v5e
   rows = table_rows(tiny_on_v5e)
@@ -98,6 +99,7 @@ def test_a_tiny_models_whole_run_compiles_for_one_v5e_chip_and_fits(tiny_on_v5e)
 
 
 @needs_libtpu
+@pytest.mark.slow  # the same fixture
 def test_the_kv_cache_column_is_the_caches_size(tiny_on_v5e):
   # The shipped base: 4 layers, 2 kv heads of 32, f32; rollouts: 16 x 6 = 96 rows, one call of 128 (the next power
   # of two) with 160 prompt + 96 new tokens.
