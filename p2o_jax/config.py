@@ -204,8 +204,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             "reward.timeout_s", "grpo.ppo_epochs", "grpo.num_minibatches", "grpo.micro_batch_size", "train.batch_size",
             "train.epochs", "optim.lr", "teacher_sft.rows")
   _positive(c, "teacher_sft.steps", "teacher_sft.row_len", "teacher_sft.lr", allow_zero=True)
-  _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "train.max_steps", "grpo.kl_coef", "eval.every_steps",
-            allow_zero=True)
+  _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "train.max_steps", "grpo.kl_coef",
+            "eval.every_steps", allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
   _one_of(c, "reward.fallback")
   try:

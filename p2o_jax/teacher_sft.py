@@ -79,7 +79,8 @@ def _evaluate(policy, eval_sets: dict[str, list[Query]], c, score: ScoreFn) -> d
 def run_teacher_sft(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Evaluate the starting policy, SFT it on the teacher's traces, evaluate again; the run's history."""
   # Imported here: experiment imports the trainer, and this module is imported by the comparison's reader too.
-  from p2o_jax.experiment import builtin_train_problems, load_data, policy_checkpoint  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from p2o_jax.experiment import builtin_train_problems, load_data, policy_checkpoint
   run_dir = RunDir.from_config(c)
   train, eval_sets = load_data(c)
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})

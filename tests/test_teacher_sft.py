@@ -53,7 +53,8 @@ def test_a_teacher_sft_run_evaluates_before_and_after_and_learns_the_scratchpad(
   c.eval.builtin_easy, c.eval.builtin_hard = 0, 64
   c.teacher_sft.steps, c.teacher_sft.lr = 60, 1e-3
   history = run_teacher_sft(c)
-  before, after = history["eval_at_start"]["eval/builtin_hard/accuracy"], history["eval_at_end"]["eval/builtin_hard/accuracy"]
+  key = "eval/builtin_hard/accuracy"
+  before, after = history["eval_at_start"][key], history["eval_at_end"][key]
   assert history["traces"] == c.data.builtin_train_size and history["sft"]["steps"] == 60
   assert after > before + 0.3, (before, after)  # the oracle's scratchpads, under the plain prompt, solve hard sums
   records = read_metrics(RunDir(tmp_path).metrics)

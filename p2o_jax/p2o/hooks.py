@@ -157,7 +157,8 @@ class P2OHooks(TrainerHooks):
     k = rollouts.group_size
     query_ids = [i for ids in distributed.allgather_json([q.id for q in queries]) for i in ids]
     # "Solved" is the correctness reward's verdict (the first reward function), not the weighted total.
-    per_row = distributed.concat_rows(np.stack([rollouts.correct(), rollouts.is_templated()], axis=1).astype(np.float32))
+    per_row = np.stack([rollouts.correct(), rollouts.is_templated()], axis=1).astype(np.float32)
+    per_row = distributed.concat_rows(per_row)
     rewards, templated = per_row[:, 0], per_row[:, 1] > 0
     hard = self.tracker.observe(query_ids, rewards, k)
     rewards_gk = rewards.reshape(-1, k)

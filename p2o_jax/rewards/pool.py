@@ -245,7 +245,8 @@ class VerifierPool:
     if not worker.ready:
       self.close()
       code = worker.process.exitcode
-      raise RuntimeError(f"verifier worker exited during startup (exit code {code}); check the reward functions and memory_limit_mb")
+      raise RuntimeError(f"verifier worker exited during startup (exit code {code}); check the reward functions and "
+                         "memory_limit_mb")
     self.stats.worker_crashes += 1
     doing = "idle" if item is None else f"scoring item {item}"
     pid, code = worker.process.pid, worker.process.exitcode
