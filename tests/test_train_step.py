@@ -136,6 +136,7 @@ def test_non_finite_loss_skips_the_update():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), new_params, before)
 
 
+@pytest.mark.slow  # ~9 s
 def test_logprobs_match_a_plain_forward_pass():
   """Response log-probs equal log_softmax(logits / T) of an unpacked forward pass over the same tokens."""
   rows = random_rows()
@@ -154,6 +155,7 @@ def test_logprobs_match_a_plain_forward_pass():
     np.testing.assert_allclose(got[r, :n], want, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10 s
 def test_entropy_metric_with_the_lm_head_in_chunks():
   """LM head in chunks of 2 positions (R = 5: two full chunks and a padded one), at ratio 1: the loss is still
   -sum(A*w)/tokens, and the entropy metric is the masked mean of -sum p log p from a plain full-vocab pass."""
