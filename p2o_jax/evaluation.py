@@ -25,7 +25,7 @@ from p2o_jax.checkpoint import OrbaxStep, orbax_steps, restore_params
 from p2o_jax.cli import one_line
 from p2o_jax.config import ConfigError, builtin_world, reward_functions, validate
 from p2o_jax.data import arithmetic, seqio_tasks
-from p2o_jax.data.records import Query, read_queries
+from p2o_jax.data.records import Query, problem_queries, read_queries
 from p2o_jax.metrics import MetricsWriter
 from p2o_jax.models.config import load_hf_config
 from p2o_jax.policy import Policy
@@ -204,8 +204,8 @@ def builtin_sets(c) -> dict[str, list[Query]]:
   if c.data.source != "builtin":
     return {}
   easy, hard = arithmetic.held_out_splits(builtin_world(c), c.eval.builtin_easy, c.eval.builtin_hard, seed=c.seed)
-  return {name: [Query(r["id"], r["question"], r["answer"]) for r in arithmetic.to_records(problems)]
-          for name, problems in (("builtin_easy", easy), ("builtin_hard", hard)) if problems}
+  return {name: problem_queries(problems) for name, problems in (("builtin_easy", easy), ("builtin_hard", hard))
+          if problems}
 
 
 # ---- protocol, scoring, results ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from p2o_jax.data import arithmetic, sources
-from p2o_jax.data.records import Query, builtin_queries, read_queries
+from p2o_jax.data.records import Query, problem_queries, read_queries
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "datasets"
 SMALL = sources.Options(dev_size=5, train_sizes=(4, 8))
@@ -262,7 +262,7 @@ def test_query_columns_carry_the_row(tmp_path):
 
 
 def test_builtin_queries_have_id_question_answer_difficulty_columns():
-  (query,) = builtin_queries(arithmetic.WorldConfig(), "hard", 1, seed=0)
+  (query,) = problem_queries(arithmetic.sample_problems(arithmetic.WorldConfig(), "hard", 1, seed=0))
   assert query.columns == {"id": query.id, "question": query.question, "answer": query.answer, "difficulty": "hard"}
 
 

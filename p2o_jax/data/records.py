@@ -299,9 +299,3 @@ def problem_queries(problems: list[arithmetic.Problem]) -> list[Query]:
   records = arithmetic.to_records(problems)
   return [Query(record["id"], record["question"], record["answer"], {**record, "difficulty": problem.difficulty})
           for record, problem in zip(records, problems)]
-
-
-def builtin_queries(world_cfg: arithmetic.WorldConfig, difficulty: arithmetic.Difficulty, n: int, seed: int,
-                    split: arithmetic.Split = "train") -> list[Query]:
-  """`n` problems of the built-in arithmetic world as Queries (see problem_queries)."""
-  return problem_queries(arithmetic.sample_problems(world_cfg, difficulty, n, seed, split))
