@@ -1,15 +1,17 @@
-"""Batched autoregressive sampling: one jitted prefill, then one jitted `lax.while_loop` decode over a KV cache.
+"""Autoregressive sampling: `Sampler`, a continuous-batching engine inside our own jitted JAX programs.
 
-Prompts are left-padded to a length bucket and the batch is padded to a size bucket, so a run compiles one prefill and
-one decode program per (prompt bucket, batch bucket, sampling mode), not one per call. A call with more rows than fit
-the KV-cache budget (`cache_budget_bytes` per device) runs in chunks of rows, each padded at most to the chunk size.
+A call's rows wait in a queue and run in a fixed number of slots (as many as the KV-cache budget `cache_budget_bytes`
+per device holds, or `slots`); a finished row's slot takes the next waiting row at once. Decode runs in segments
+(`slot_programs.decode_segment`) that attend over the cache up to the longest live row, rounded up to a power of two,
+and over the slots that hold live rows, so a step's cost follows the live work, not the allocation or the longest row
+of the call. Each row may have its own token limit, temperature and stop tokens, and draws its tokens from (seed, its
+row index, the token index): the same seed gives the same tokens whatever slot it lands in.
 The sampler reads its own copy of the weights (`sampling_params`): in the compute dtype, whole on every data/fsdp
-device, so no decode step gathers full-precision shards. Params are passed as arguments
-(NNX graphdef/state split), so the trainer can swap in new weights without recompiling; the decode state is donated.
-Each sampled token comes with its log-probability under the distribution it was drawn from: log_softmax(logits / T)
-restricted to the top-k / top-p set (for greedy decoding: log_softmax(logits)).
+device, so no decode step gathers full-precision shards. Params are passed as arguments (NNX graphdef/state split), so
+the trainer can swap in new weights without recompiling; the slots' state is donated from program to program.
+Each sampled token comes with its log-probability under the distribution it was drawn from (see token_sampling).
 With several processes, a call is either lockstep (every process passes the same prompts and gets every row back)
-or process-local (each passes its own rows of one global batch and gets its own rows back); see Sampler.generate.
+or process-local (each passes its own rows and gets its own rows back; the engine runs on all rows); see generate.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from p2o_jax import distributed, sharding
-from p2o_jax.models.decoder import Decoder, cast_floating, init_cache, positions_from_mask
+from p2o_jax.models.decoder import Decoder, DecodeView, cast_floating
+from p2o_jax.slot_programs import (SlotMode, decode_segment, empty_slots, move_slots, prefill_slots, slot_outputs,
+                                   slot_status)
+from p2o_jax.slot_schedule import RowRequests, SlotSchedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,77 +80,6 @@ def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[
 
 def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
   return next(b for b in buckets if b >= n)
-
-
-def filter_logits(logits_bv, top_k: int, top_p, use_top_p: bool):
-  """Mask (to -inf) the tokens outside the top-k set and outside the smallest set with probability >= top_p."""
-  if top_k:
-    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
-  if use_top_p:
-    sorted_desc = -jnp.sort(-logits_bv, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # keep until the mass before a token reaches top_p
-    threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits_bv = jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
-  return logits_bv
-
-
-def first_argmax(x_bv):
-  """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions.
-
-  XLA:CPU lowers argmax to one (value, index) reduction that takes ~2.5 ms per decode step over a 32k vocabulary at
-  batch 32; a max, then the smallest index holding it, takes a third of that.
-  """
-  v = x_bv.shape[-1]
-  best = jnp.max(x_bv, axis=-1, keepdims=True)
-  index = jnp.min(jnp.where(x_bv == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-  return jnp.minimum(index, v - 1)  # a NaN row matches nowhere
-
-
-def inverse_cdf_sample(key, probs_bv, block: int = 128):
-  """One draw per row from `probs_bv` (rows sum to ~1) by inverting the CDF with a single uniform per row.
-
-  jax.random.categorical draws a Gumbel variate for every vocabulary entry, which dominates a decode step on CPU for
-  large vocabularies; here the CDF is built two-level (block sums, then one block) so the cumulative sums stay short.
-  """
-  b, v = probs_bv.shape
-  blocks = -(-v // block)
-  p = jnp.pad(probs_bv, ((0, 0), (0, blocks * block - v))).reshape(b, blocks, block)
-  mass = p.sum(axis=-1)
-  cdf = jnp.cumsum(mass, axis=-1)
-  u = jax.random.uniform(key, (b, 1), probs_bv.dtype) * cdf[:, -1:]
-  chosen_block = jnp.minimum(jnp.sum(cdf < u, axis=-1), blocks - 1)
-  inner = jnp.take_along_axis(p, chosen_block[:, None, None], axis=1)[:, 0]
-  before = jnp.take_along_axis(cdf - mass, chosen_block[:, None], axis=1)
-  offset = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) + before < u, axis=-1), block - 1)
-  tokens = jnp.minimum(chosen_block * block + offset, v - 1)
-  # Rounding can land the draw on a zero-probability (filtered or padding) entry: take the mode instead.
-  drawn_p = jnp.take_along_axis(probs_bv, tokens[:, None], axis=-1)[:, 0]
-  return jnp.where(drawn_p > 0, tokens, first_argmax(probs_bv))
-
-
-def sample_tokens(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
-  """Draw one token per row; return (tokens, log-prob of each under the distribution it was drawn from)."""
-  if greedy:
-    tokens = first_argmax(logits_bv)
-    logp = jax.nn.log_softmax(logits_bv, axis=-1)
-  else:
-    logp = jax.nn.log_softmax(filter_logits(logits_bv / temperature, top_k, top_p, use_top_p), axis=-1)
-    tokens = inverse_cdf_sample(key, jnp.exp(logp))
-  return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Mode:
-  """Everything static about a compiled sampling program."""
-
-  max_new_tokens: int
-  greedy: bool
-  top_k: int
-  use_top_p: bool
-  eos_ids: tuple[int, ...]
-  pad_id: int
 
 
 def sampling_params(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype) -> nnx.State:
@@ -209,78 +141,38 @@ def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mes
   return rows_per_device * sharding.batch_divisor(mesh)
 
 
-def call_batch(rows: int, chunk: int, mesh: jax.sharding.Mesh | None) -> int:
-  """Rows of one device call: `rows` rounded up to a power of two (few distinct compiled shapes), at most `chunk`,
-  a multiple of the devices the batch is split over."""
-  divisor = sharding.batch_divisor(mesh)
-  size = min(max(divisor, 1 << max(rows - 1, 0).bit_length()), chunk)
-  return -(-size // divisor) * divisor
 
 
-def _is_eos(tokens_b, eos_ids):
-  return jnp.isin(tokens_b, jnp.asarray(eos_ids, jnp.int32))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
-def _prefill(graphdef, state, tokens_bp, valid_bp, live_b, key, temperature, top_p, *, mode: _Mode):
-  """Run the prompts through the model, fill the cache, sample the first token; return the decode state."""
-  model: Decoder = nnx.merge(graphdef, state)
-  b, p = tokens_bp.shape
-  length = p + mode.max_new_tokens
-  cache = init_cache(model.cfg, b, length)
-  key_valid = jnp.zeros((b, length), bool).at[:, :p].set(valid_bp)
-  hidden, cache = model.hidden_states(tokens_bp, positions_from_mask(valid_bp), key_valid, cache, 0)
-  logits = model.logits(hidden[:, -1:])[:, 0]
-  token, logp = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=mode.greedy,
-                              top_k=mode.top_k, use_top_p=mode.use_top_p)
-  token = jnp.where(live_b, token, mode.pad_id)
-  out_tokens = jnp.full((b, mode.max_new_tokens), mode.pad_id, jnp.int32).at[:, 0].set(token)
-  out_logp = jnp.zeros((b, mode.max_new_tokens), jnp.float32).at[:, 0].set(jnp.where(live_b, logp, 0.0))
-  return dict(cache=cache, key_valid=key_valid, tokens=out_tokens, logprobs=out_logp, last=token,
-              position=jnp.sum(valid_bp, axis=1).astype(jnp.int32), done=~live_b | _is_eos(token, mode.eos_ids),
-              step=jnp.asarray(1, jnp.int32), key=key)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
-def _decode(graphdef, state, carry, temperature, top_p, *, mode: _Mode):
-  """One while_loop over new tokens; exits as soon as every row has stopped."""
-  model: Decoder = nnx.merge(graphdef, state)
-  prompt_len = carry["key_valid"].shape[1] - mode.max_new_tokens
-
-  def cond(c):
-    return (c["step"] < mode.max_new_tokens) & ~jnp.all(c["done"])
-
-  def body(c):
-    write_at = prompt_len + c["step"] - 1  # cache slot of the token sampled in the previous step
-    key_valid = jax.lax.dynamic_update_slice_in_dim(c["key_valid"], jnp.ones((c["last"].shape[0], 1), bool),
-                                                    write_at, 1)
-    hidden, cache = model.hidden_states(c["last"][:, None], c["position"][:, None], key_valid, c["cache"], write_at)
-    logits = model.logits(hidden)[:, 0]
-    token, logp = sample_tokens(logits, jax.random.fold_in(c["key"], c["step"]), temperature, top_p,
-                                greedy=mode.greedy, top_k=mode.top_k, use_top_p=mode.use_top_p)
-    token = jnp.where(c["done"], mode.pad_id, token)
-    logp = jnp.where(c["done"], 0.0, logp)
-    return dict(cache=cache, key_valid=key_valid,
-                tokens=jax.lax.dynamic_update_slice_in_dim(c["tokens"], token[:, None], c["step"], 1),
-                logprobs=jax.lax.dynamic_update_slice_in_dim(c["logprobs"], logp[:, None], c["step"], 1),
-                last=token, position=c["position"] + 1, done=c["done"] | _is_eos(token, mode.eos_ids),
-                step=c["step"] + 1, key=c["key"])
-
-  # Returning the whole state lets XLA alias every donated buffer (the cache above all) to an output.
-  return jax.lax.while_loop(cond, body, carry)
+def _pad_to(values: Sequence[int], size: int, fill: int) -> np.ndarray:
+  return np.asarray(list(values) + [fill] * (size - len(values)), np.int32)
 
 
 class Sampler:
-  """Samples continuations of token-id prompts from a Decoder, optionally sharded over a mesh."""
+  """Samples continuations of token-id prompts from a Decoder: a continuous-batching engine over a fixed number of
+  slots (see slot_programs and slot_schedule), optionally sharded over a mesh.
+
+  One `generate` call: every row (prompt x n) waits in a queue; free slots take rows in groups (one prefill each);
+  decode segments run until rows finish; their slots take the next rows; when the queue is empty the live rows are
+  packed to the front and each segment's view shrinks with them. A segment attends over the cache positions up to the
+  longest live row (rounded up to a power-of-two bucket), not the whole allocation. Each row may have its own token
+  limit, temperature and stop tokens. The same seed gives the same tokens whatever slot a row lands in.
+  """
+
+  SEGMENT_STEPS = 64  # a segment's view leaves room for at least this many more tokens of the longest live row
+  SMALLEST_VIEW = 128  # the attention-length buckets: powers of two from this up to the allocation
+  REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
                prompt_buckets: Sequence[int] | None = None, mesh: jax.sharding.Mesh | None = None,
-               cache_budget_bytes: int = 0, copy_weights: bool = True):
+               cache_budget_bytes: int = 0, copy_weights: bool = True, slots: int = 0):
     if not eos_ids:
       raise ValueError("the sampler needs at least one EOS token id")
+    if slots < 0:
+      raise ValueError(f"slots={slots} must be >= 0 (0: as many as the KV-cache budget allows)")
     self.graphdef, state = nnx.split(model)
     self.cfg = model.cfg
-    self.cache_budget_bytes = cache_budget_bytes  # per device; 0: every call in one chunk
+    self.cache_budget_bytes = cache_budget_bytes  # per device; 0: no budget
+    self.slots = slots
     # False: read the params as they are (fsdp shards gathered every decode step) instead of keeping a whole copy; for
     # rare calls such as Self-Ref reflection, where a second copy's HBM costs more than the gathers' time.
     self.copy_weights = copy_weights
@@ -292,13 +184,11 @@ class Sampler:
     self.prompt_buckets = tuple(sorted(prompt_buckets or default_buckets(max_prompt_len)))
     if self.prompt_buckets[-1] < max_prompt_len:
       raise ValueError(f"the largest prompt bucket {self.prompt_buckets[-1]} is below max_prompt_len={max_prompt_len}")
+    self.last_stats: dict[str, int] = {}
 
   def set_params(self, state: nnx.State) -> None:
     """Sample from new weights (same architecture and shardings): no recompilation."""
     self.state = sampling_params(state, self.mesh, self.cfg.dtype) if self.copy_weights else state
-
-  def _batch_size(self, rows: int, chunk: int) -> int:
-    return call_batch(rows, chunk, self.mesh)
 
   def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
     for i, prompt in enumerate(prompts):
@@ -308,100 +198,155 @@ class Sampler:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len} "
                          "(Policy.generate left-truncates; a direct Sampler call must pass prompts that fit)")
 
-  def _call_shape(self, rows: Sequence[Sequence[int]], process_local: bool) -> tuple[int, int, int]:
-    """(prompt bucket, the most rows any process passes, processes). Process-local rows are padded to the longest
-    prompt and largest row count over all processes, so every process calls the jitted programs with the same global
-    shapes and the same number of chunks."""
-    longest, count = max(map(len, rows), default=0), len(rows)
-    processes = jax.process_count() if process_local else 1
-    if processes > 1:
-      if self.mesh is None:
-        raise ValueError("a multi-process sampler needs a mesh over all processes' devices")
-      distributed.check_batch_layout(self.mesh)
-      longest, count = (int(v) for v in distributed.allgather(np.asarray([longest, count], np.int32)).max(axis=0))
-    if not count:
-      raise ValueError("generate() needs at least one prompt")
-    return round_up_to_bucket(longest, self.prompt_buckets), count, processes
-
-  def _pad_prompts(self, rows: Sequence[Sequence[int]], length: int, batch: int):
-    tokens = np.full((batch, length), self.pad_id, np.int32)
-    valid = np.zeros((batch, length), bool)
-    for r, prompt in enumerate(rows):
-      tokens[r, length - len(prompt):] = prompt
-      valid[r, length - len(prompt):] = True
-    live = np.arange(batch) < len(rows)
-    return tokens, valid, live
-
-  def _put(self, x: np.ndarray, global_batch: int) -> jax.Array:
-    if self.mesh is None:
-      return jnp.asarray(x)
-    target = sharding.batch_sharding(self.mesh, x.ndim, global_batch)
-    if len(x) == global_batch:  # the whole batch, the same on every process
-      return jax.device_put(x, target)
-    return jax.make_array_from_process_local_data(target, x, (global_batch, *x.shape[1:]))
+  def slot_count(self, rows: int, length: int) -> int:
+    """Slots for a call of `rows` rows whose cache rows hold `length` positions: `slots` if set, else as many as the
+    KV-cache budget holds, never more than the rows need; a multiple of the batch devices."""
+    divisor = sharding.batch_divisor(self.mesh)
+    wanted = -(-rows // divisor) * divisor
+    if self.slots:
+      wanted = min(wanted, -(-self.slots // divisor) * divisor)
+    budget = chunk_rows(self.cache_budget_bytes, self.cfg, length, self.mesh)
+    return min(wanted, budget) if budget else wanted
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
-               seed: int | jax.Array = 0, process_local: bool = False) -> SampleOutput:
-    """Sample `n` continuations of every prompt: one batched device call per chunk of rows (one call when the KV
-    cache of all rows fits the budget).
+               seed: int | jax.Array = 0, process_local: bool = False,
+               row_max_new_tokens: Sequence[int] | None = None, row_temperatures: Sequence[float] | None = None,
+               row_stop_ids: Sequence[Sequence[int]] | None = None) -> SampleOutput:
+    """Sample `n` continuations of every prompt (rows prompt-major); the row_* arguments, one entry per row, override
+    cfg.max_new_tokens (each in [1, cfg.max_new_tokens]), cfg.temperature (0: greedy) and add stop tokens.
 
     By default every process passes the same prompts and gets every row back (evaluation, GEPA: lockstep). With
-    `process_local=True` each process passes only its own prompts (possibly none), the processes' rows form one global
-    batch in process order, and each process gets back its own rows (training rollouts). With one process both agree.
+    `process_local=True` each process passes only its own prompts (possibly none), the processes' rows form one
+    request in process order, and each process gets back its own rows (training rollouts).
     """
     self._check_prompts(prompts)
-    rows = [p for p in prompts for _ in range(n)]
-    length, count, processes = self._call_shape(rows, process_local)
-    chunk = chunk_rows(self.cache_budget_bytes, self.cfg, length + cfg.max_new_tokens, self.mesh)
-    chunk = chunk or self._batch_size(count * processes, chunk=sys.maxsize)  # no budget: one call
-    local_chunk = max(chunk // processes, 1)
+    rows = [list(p) for p in prompts for _ in range(n)]
+    requests = RowRequests.build(rows, cfg.max_new_tokens, cfg.temperature if not cfg.greedy else 0.0,
+                                 row_max_new_tokens, row_temperatures, row_stop_ids)
+    mine = slice(0, len(requests))
+    if process_local and jax.process_count() > 1:
+      requests, mine = self._whole_request(requests)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
-    parts = []
-    for i, start in enumerate(range(0, count, local_chunk)):  # the same chunks on every process
-      batch = self._batch_size(min(local_chunk, count - start) * processes, chunk)
-      chunk_key = key if i == 0 else jax.random.fold_in(key, i)
-      parts.append(self._generate_chunk(rows[start:start + local_chunk], length, batch, processes, cfg, chunk_key))
-    return _finish(np.concatenate([t for t, _ in parts]), np.concatenate([l for _, l in parts]), self.eos_ids)
+    tokens, logprobs, lengths = self._run(requests, cfg, key)
+    return _output(tokens[mine], logprobs[mine], lengths[mine])
 
-  def _generate_chunk(self, rows: Sequence[Sequence[int]], length: int, global_batch: int, processes: int,
-                      cfg: SamplingConfig, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, log-probs) of this process's `rows` in one prefill + decode over a global batch of `global_batch`."""
-    local_batch = global_batch // processes
-    tokens, valid, live = self._pad_prompts(rows, length, local_batch)
-    mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
-    temperature = jnp.float32(cfg.temperature if not cfg.greedy else 1.0)
+  def _whole_request(self, requests: RowRequests) -> tuple[RowRequests, slice]:
+    """Every process's rows, in process order (the engine runs lockstep on all of them), and this process's slice."""
+    if self.mesh is None:
+      raise ValueError("a multi-process sampler needs a mesh over all processes' devices")
+    distributed.check_batch_layout(self.mesh)
+    parts = distributed.allgather_json([requests.prompts, requests.limits.tolist(), requests.temperatures.tolist(),
+                                        [list(s) for s in requests.stops]])
+    before = sum(len(p[0]) for p in parts[:jax.process_index()])
+    merged = RowRequests([p for part in parts for p in part[0]], np.asarray([x for p in parts for x in p[1]], np.int32),
+                         np.asarray([x for p in parts for x in p[2]], np.float32),
+                         [tuple(s) for p in parts for s in p[3]])
+    return merged, slice(before, before + len(requests))
+
+  def _run(self, requests: RowRequests, cfg: SamplingConfig, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = cfg.max_new_tokens
+    tokens = np.full((len(requests), m), self.pad_id, np.int32)
+    logprobs = np.zeros((len(requests), m), np.float32)
+    lengths = np.zeros(len(requests), np.int32)
+    self.last_stats = dict(slots=0, prefills=0, segments=0, moves=0, tokens=0)
+    if not len(requests):
+      return tokens, logprobs, lengths
+    length = round_up_to_bucket(max(map(len, requests.prompts)), self.prompt_buckets) + m
+    slots = self.slot_count(len(requests), length)
+    blocks = sharding.batch_divisor(self.mesh)
+    mode = SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
+    schedule = SlotSchedule(len(requests), blocks, slots // blocks)
     top_p = jnp.float32(cfg.top_p)
+    views = default_buckets(length, smallest=min(self.SMALLEST_VIEW, length))
+
+    def collect(carry, status):
+      finished = schedule.update(status)
+      if finished:
+        slot_ids = [s for s, _ in finished]
+        got_tokens, got_logp = (distributed.to_host(x) for x in slot_outputs(carry, self._slot_index(slot_ids)))
+        for i, (slot, row) in enumerate(finished):
+          lengths[row] = status[2, slot]
+          tokens[row], logprobs[row] = got_tokens[i], got_logp[i]
+
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      put = functools.partial(self._put, global_batch=global_batch)
-      carry = _prefill(self.graphdef, self.state, put(tokens), put(valid), put(live), key, temperature, top_p,
-                       mode=mode)
-      carry = _decode(self.graphdef, self.state, carry, temperature, top_p, mode=mode)
-    fetch = distributed.local_part if local_batch < global_batch else distributed.to_host
-    return fetch(carry["tokens"])[:len(rows)], fetch(carry["logprobs"])[:len(rows)]
+      carry = empty_slots(self.cfg, slots=slots, length=length, mode=mode, stop_width=requests.stop_width())
+      self.last_stats["slots"] = slots
+      while not schedule.idle():
+        placed = schedule.place()
+        if placed:
+          carry = prefill_slots(self.graphdef, self.state, carry, key, top_p,
+                                self._prefill_group(placed, requests, slots), mode=mode)
+          self.last_stats["prefills"] += 1
+          collect(carry, distributed.to_host(slot_status(carry)))
+          continue  # rows that stopped at their first token free their slots at once
+        row_buckets = self._row_buckets(slots // blocks)
+        if (round_up_to_bucket(schedule.packed_rows(), row_buckets)
+            < round_up_to_bucket(schedule.view_rows(), row_buckets)):
+          carry = self._pack(carry, schedule)
+        carry = self._segment(carry, schedule, key, top_p, mode, views, slots)
+        collect(carry, distributed.to_host(slot_status(carry)))
+    self.last_stats["tokens"] = int(lengths.sum())
+    return tokens, logprobs, lengths
+
+  def _row_buckets(self, per_block: int) -> tuple[int, ...]:
+    return default_buckets(per_block, smallest=1)
+
+  def _slot_index(self, slots: Sequence[int]) -> jax.Array:
+    size = round_up_to_bucket(len(slots), default_buckets(1 << max(len(slots) - 1, 0).bit_length(), smallest=1))
+    return jnp.asarray(_pad_to(slots, size, slots[0]))
+
+  def _prefill_group(self, placed: list[tuple[int, int]], requests: RowRequests, slots: int) -> dict[str, jax.Array]:
+    """The placed rows as one prefill batch: a power-of-two count of rows (a multiple of the batch devices), prompts
+    right-padded to their bucket; padding rows point past the last slot, so nothing of theirs is written."""
+    divisor = sharding.batch_divisor(self.mesh)
+    size = max(divisor, 1 << max(len(placed) - 1, 0).bit_length())
+    size = -(-size // divisor) * divisor
+    prompts = [requests.prompts[row] for _, row in placed]
+    width = round_up_to_bucket(max(map(len, prompts)), self.prompt_buckets)
+    tokens = np.full((size, width), self.pad_id, np.int32)
+    for i, prompt in enumerate(prompts):
+      tokens[i, :len(prompt)] = prompt
+    rows = [row for _, row in placed]
+    stops = np.full((size, requests.stop_width()), -1, np.int32)
+    for i, row in enumerate(rows):
+      stops[i, :len(requests.stops[row])] = requests.stops[row]
+    group = dict(tokens=tokens, lengths=_pad_to([len(p) for p in prompts], size, 1),
+                 slot=_pad_to([s for s, _ in placed], size, slots), row=_pad_to(rows, size, 0),
+                 limit=_pad_to(requests.limits[rows], size, 1),
+                 temperature=np.pad(requests.temperatures[rows], (0, size - len(rows))), stops=stops)
+    return {k: self._put(v) for k, v in group.items()}
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, len(x)))
+
+  def _pack(self, carry, schedule: SlotSchedule):
+    source, target = schedule.compaction()
+    size = 1 << max(len(source) - 1, 0).bit_length()
+    real = np.arange(size) < len(source)
+    self.last_stats["moves"] += len(source)
+    return move_slots(carry, jnp.asarray(_pad_to(source, size, 0)), jnp.asarray(_pad_to(target, size, 0)),
+                      jnp.asarray(real))
+
+  def _segment(self, carry, schedule: SlotSchedule, key, top_p, mode: SlotMode, views: Sequence[int], slots: int):
+    """One decode segment over the smallest view that holds the live rows and SEGMENT_STEPS more tokens of the
+    longest (or the whole allocation). It ends when enough slots free up to refill, or when the view could shrink."""
+    per_block = slots // schedule.blocks
+    rows = round_up_to_bucket(schedule.view_rows(), self._row_buckets(per_block))
+    longest = schedule.longest_live()
+    length = round_up_to_bucket(min(longest + self.SEGMENT_STEPS, views[-1]), views)
+    view = DecodeView(schedule.blocks, rows, length)
+    live = int(schedule.live().sum())  # every live row is in the view; its other slots are idle (done)
+    if schedule.queue:
+      wanted = max(1, min(len(schedule.queue), slots // self.REFILL_FRACTION))
+    else:  # the view can shrink (after packing) once half of it is done
+      wanted = live if rows == 1 else max(1, live - view.batch // 2)
+    self.last_stats["segments"] += 1
+    return decode_segment(self.graphdef, self.state, carry, key, top_p, jnp.int32(length - longest),
+                          jnp.int32(view.batch - live + min(wanted, live)), mode=mode, view=view)
 
 
-def lower_sampler_call(graphdef, state: nnx.State, mesh: jax.sharding.Mesh, *, rows: int, prompt_len: int,
-                       cfg: SamplingConfig) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-  """The compiled prefill and decode of one sampler call of `rows` prompts of `prompt_len` tokens, from abstract
-  `state` (see abstract_sampling_params): what `Sampler.generate` runs for such a call, for the dry run."""
-  mode = _Mode(cfg.max_new_tokens, cfg.greedy, cfg.top_k, cfg.top_p < 1.0, eos_ids=(1,), pad_id=0)
-  rows_of = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape),
-                                                                                                     rows))
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=jax.sharding.NamedSharding(mesh, P()))
-  key, f32 = scalar(jax.eval_shape(lambda: jax.random.key(0)).dtype), scalar(jnp.float32)
-  with jax.set_mesh(mesh):
-    prefill = _prefill.lower(graphdef, state, rows_of((rows, prompt_len), jnp.int32),
-                             rows_of((rows, prompt_len), jnp.bool_), rows_of((rows,), jnp.bool_), key, f32, f32,
-                             mode=mode).compile()
-    carry = jax.tree.map(lambda info, target: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=target),
-                         prefill.out_info, prefill.output_shardings)
-    decode = _decode.lower(graphdef, state, carry, f32, f32, mode=mode).compile()
-  return prefill, decode
-
-
-def _finish(tokens: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...]) -> SampleOutput:
-  is_eos = np.isin(tokens, eos_ids)
-  first_eos = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), tokens.shape[1] - 1)
-  lengths = (first_eos + 1).astype(np.int32)
+def _output(tokens: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray) -> SampleOutput:
   mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   return SampleOutput(tokens=tokens, mask=mask, lengths=lengths, logprobs=np.where(mask, logprobs, 0.0))

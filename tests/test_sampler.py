@@ -14,8 +14,9 @@ import transformers
 from flax import nnx
 
 from p2o_jax.models.hf_checkpoint import load_hf_model
-from p2o_jax.sampling import (Sampler, SamplingConfig, _decode, _prefill, chunk_rows, filter_logits, first_argmax,
-                              kv_cache_bytes_per_row)
+from p2o_jax.sampling import Sampler, SamplingConfig, chunk_rows, kv_cache_bytes_per_row
+from p2o_jax.slot_programs import decode_segment, prefill_slots
+from p2o_jax.token_sampling import filter_logits, first_argmax
 
 PAD = 0
 SAMPLED_EOS = 1
@@ -210,12 +211,13 @@ def test_twenty_prompt_lengths_compile_one_program_per_bucket(qwen2):
   lengths = np.unique(np.linspace(1, MAX_PROMPT, 20).round().astype(int))
   assert len(lengths) == 20
   config = SamplingConfig(max_new_tokens=2, temperature=0.0)  # a mode this file uses nowhere else
-  before = _prefill._cache_size(), _decode._cache_size()
+  before = prefill_slots._cache_size(), decode_segment._cache_size()
   for length in lengths:
     bucketed.generate(hf_models.random_prompts([length, length], vocab_size=96, seed=int(length)), config)
-  # At most, not exactly: another test file may already have compiled this mode for the same tiny model.
-  assert _prefill._cache_size() - before[0] <= len(bucketed.prompt_buckets)
-  assert _decode._cache_size() - before[1] <= len(bucketed.prompt_buckets)
+  # At most, not exactly: another test file may already have compiled this mode for the same tiny model. A decode
+  # segment's view covers 2 slots, or 1 once a row has finished: two programs per bucket at most.
+  assert prefill_slots._cache_size() - before[0] <= len(bucketed.prompt_buckets)
+  assert decode_segment._cache_size() - before[1] <= 2 * len(bucketed.prompt_buckets)
 
 
 def test_prompt_longer_than_maximum_is_a_value_error_naming_it(sampler):
@@ -226,17 +228,14 @@ def test_prompt_longer_than_maximum_is_a_value_error_naming_it(sampler):
 
 # --- memory: chunked calls and the sampler's weight copy --------------------------------------------------------------
 
-def test_a_kv_cache_budget_runs_a_call_in_chunks_with_the_same_greedy_output(greedy_run, qwen2):
+def test_a_kv_cache_budget_bounds_the_slots_and_gives_the_same_greedy_output(greedy_run, qwen2):
   greedy_sampler, whole, _, eos = greedy_run
   one_row = kv_cache_bytes_per_row(qwen2[0].cfg, 16 + MAX_NEW, mesh=None)  # PROMPTS are all in bucket 16
   assert one_row == 2 * qwen2[0].cfg.num_layers * qwen2[0].cfg.num_kv_heads * 26 * qwen2[0].cfg.head_dim * 4
-  chunked = Sampler(qwen2[0], eos_ids=[eos], pad_id=PAD, max_prompt_len=MAX_PROMPT, cache_budget_bytes=4 * one_row)
-  batches = []
-  generate_chunk = chunked._generate_chunk
-  chunked._generate_chunk = lambda rows, length, batch, *a: batches.append(batch) or generate_chunk(rows, length,
-                                                                                                    batch, *a)
-  got = chunked.generate(PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0))
-  assert batches == [4, 2]  # 6 rows: a chunk of 4, then 2 (padded to a power of two, never beyond the chunk)
+  budgeted = Sampler(qwen2[0], eos_ids=[eos], pad_id=PAD, max_prompt_len=MAX_PROMPT, cache_budget_bytes=4 * one_row)
+  got = budgeted.generate(PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0))
+  assert budgeted.last_stats["slots"] == 4  # 6 rows in 4 slots: two rows wait for a free slot
+  assert budgeted.last_stats["prefills"] >= 2
   np.testing.assert_array_equal(got.tokens, whole.tokens)
   np.testing.assert_allclose(got.logprobs, whole.logprobs, atol=1e-5)
 

@@ -119,8 +119,8 @@ def test_the_sampler_reads_weights_whole_on_every_data_and_fsdp_device(eight_dev
   assert eight_devices["sampler_q_proj_spec"] == [None, "tensor", None]
 
 
-def test_a_kv_cache_budget_splits_a_call_into_chunks_with_the_same_greedy_tokens(eight_devices):
-  assert eight_devices["chunk_batches"] == [4, 4]
+def test_a_kv_cache_budget_bounds_the_slots_with_the_same_greedy_tokens(eight_devices):
+  assert eight_devices["budget_slots"] == 4
   assert eight_devices["chunked_tokens_equal"]
 
 
@@ -165,16 +165,14 @@ def _measure_on_eight_devices(checkpoint: str) -> dict:
   expected = Sampler(single, eos_ids=[1], pad_id=0, max_prompt_len=16).generate(prompts, config)
   sampler = Sampler(sharded, eos_ids=[1], pad_id=0, max_prompt_len=16, mesh=mesh)
   got = sampler.generate(prompts, config)
-  # A KV-cache budget of one row per device: the 8 rows run as two calls of 4 (data x fsdp = 4 devices).
+  # A KV-cache budget of one row per device: the 8 rows run in 4 slots (data x fsdp = 4 devices), refilled.
   one_row = kv_cache_bytes_per_row(sharded.cfg, 16 + config.max_new_tokens, mesh)
   chunked = Sampler(sharded, eos_ids=[1], pad_id=0, max_prompt_len=16, mesh=mesh, cache_budget_bytes=one_row)
-  calls = []
-  chunked._generate_chunk = _recording(chunked._generate_chunk, calls)
   got_chunked = chunked.generate(prompts, config)
   return dict(
       sampler_embed_spec=_spec_entries(sampler.state["embed"].get_value().sharding.spec, 2),
       sampler_q_proj_spec=_spec_entries(sampler.state["layers"][0]["attn"]["q_proj"].get_value().sharding.spec, 3),
-      chunk_batches=[c["global_batch"] for c in calls],
+      budget_slots=chunked.last_stats["slots"],
       chunked_tokens_equal=bool((got_chunked.tokens == expected.tokens).all()),
       device_count=jax.device_count(), mesh_shape=dict(mesh.shape), mesh_that_does_not_fit=misfit,
       layout={name: _layout(p[...]) for name, p in params.items()},
@@ -182,13 +180,6 @@ def _measure_on_eight_devices(checkpoint: str) -> dict:
       logits_max_diff=float(np.abs(np.asarray(sharded_logits) - logits)[valid].max()),
       greedy_tokens_equal=bool((got.tokens == expected.tokens).all() and (got.lengths == expected.lengths).all()),
       greedy_logprobs_max_diff=float(np.abs(got.logprobs - expected.logprobs).max()))
-
-
-def _recording(generate_chunk, calls: list):
-  def record(rows, length, global_batch, processes, cfg, key):
-    calls.append(dict(rows=len(rows), global_batch=global_batch))
-    return generate_chunk(rows, length, global_batch, processes, cfg, key)
-  return record
 
 
 if __name__ == "__main__":

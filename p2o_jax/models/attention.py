@@ -92,6 +92,16 @@ def plain_attention(q_bthd, k_bksd, v_bksd, segments_bs, q_offset, scale):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def decode_attention(q_b1hd, k_bksd, v_bksd, valid_bs, *, scale):
+  """One query per row, each at its own position: attends the keys `valid_bs` marks (the row's filled cache).
+  plain_attention's arithmetic; the engine's decode steps, whose rows sit at different positions."""
+  b, _, h, d = q_b1hd.shape
+  kv = k_bksd.shape[1]
+  q = q_b1hd.reshape(b, 1, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+  out = _softmax_attention(q, k_bksd, v_bksd, valid_bs[:, None, :], scale)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, 1, h, d)
+
+
 def chunked_attention(q_bthd, k_bksd, v_bksd, segments_bs, q_offset, scale, *, chunk: int | None = None):
   """plain_attention one query chunk at a time (scan), each chunk rematerialized in the backward pass."""
   chunk = chunk or CHUNK

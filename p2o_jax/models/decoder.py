@@ -11,6 +11,7 @@ each key slot's segment (`segments`, (batch, keys): 0 = padding; a bool validity
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2o_jax import sharding
-from p2o_jax.models.attention import attend
+from p2o_jax.models.attention import attend, decode_attention
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -48,6 +49,36 @@ class RMSNorm(nnx.Module):
     return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeView:
+  """The part of a (slots, kv, length, d) cache a decode step reads and writes: the first `rows` slots of each of
+  `blocks` equal blocks of slots (one block per batch device, so a row never leaves its device) and the first `length`
+  positions. A decode step's cost follows the view, not the allocation."""
+
+  blocks: int
+  rows: int
+  length: int
+
+  @property
+  def batch(self) -> int:
+    return self.blocks * self.rows
+
+
+def read_view(cache_sksd: jax.Array, view: DecodeView) -> jax.Array:
+  """(view.batch, kv, view.length, d): the view's rows, block by block."""
+  blocked = cache_sksd.reshape(view.blocks, -1, *cache_sksd.shape[1:])
+  return blocked[:, :view.rows, :, :view.length].reshape(view.batch, cache_sksd.shape[1], view.length, -1)
+
+
+def write_view(cache_sksd: jax.Array, new_bkd: jax.Array, positions_b: jax.Array, view: DecodeView) -> jax.Array:
+  """`cache_sksd` with row i of the view set to new_bkd[i] at position positions_b[i] (a scatter: in place)."""
+  blocked = cache_sksd.reshape(view.blocks, -1, *cache_sksd.shape[1:])
+  block = jnp.repeat(jnp.arange(view.blocks), view.rows)
+  row = jnp.tile(jnp.arange(view.rows), view.blocks)
+  blocked = blocked.at[block, row, :, positions_b].set(new_bkd.astype(cache_sksd.dtype))
+  return blocked.reshape(cache_sksd.shape)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -74,15 +105,23 @@ class Attention(nnx.Module):
       y = y + getattr(self, bias_name)[...].astype(x.dtype)
     return y
 
-  def __call__(self, x_bte, cos, sin, segments_bs, layer_cache, cache_index):
-    cfg = self.cfg
+  def _qkv(self, x_bte, cos, sin):
+    """Queries (b, t, h, d) and keys, values (b, kv, t, d) of the tokens `x_bte`, RoPE applied."""
     q = self._project(x_bte, self.q_proj, "q_bias")
     k = self._project(x_bte, self.k_proj, "k_bias")
     v = self._project(x_bte, self.v_proj, "v_bias")
-    if cfg.qk_norm:
+    if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): only the new tokens move
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): only the new tokens move
+
+  def _output(self, out_bthd):
+    b, t, h, d = out_bthd.shape
+    out = _matmul_2d(out_bthd.reshape(b, t, h * d), self.o_proj[...].reshape(h * d, -1))
+    return out + self.o_bias[...].astype(out.dtype) if self.cfg.out_bias else out
+
+  def __call__(self, x_bte, cos, sin, segments_bs, layer_cache, cache_index):
+    q, k, v = self._qkv(x_bte, cos, sin)
     if layer_cache is not None:
       cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 2)
       cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 2)
@@ -90,13 +129,19 @@ class Attention(nnx.Module):
       if not _is_prefill(cache_index):  # a prefill's keys are its own tokens: no need to attend over the empty cache
         k, v = cache_k, cache_v
     segments_bs = segments_bs[:, :k.shape[2]]
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), segments_bs, cache_index, scale=cfg.head_dim ** -0.5,
-                 impl=cfg.attention)
-    b, t, h, d = out.shape
-    out = _matmul_2d(out.reshape(b, t, h * d), self.o_proj[...].reshape(h * d, -1))
-    if cfg.out_bias:
-      out = out + self.o_bias[...].astype(out.dtype)
-    return out, layer_cache
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), segments_bs, cache_index, scale=self.cfg.head_dim ** -0.5,
+                 impl=self.cfg.attention)
+    return self._output(out), layer_cache
+
+  def decode(self, x_b1e, cos, sin, layer_cache, positions_b, view: DecodeView):
+    """One new token per row of `view`, each at its own cache position: written there, attending over the row's
+    cache up to it (the first view.length slots are read, not the whole allocation)."""
+    q, k, v = self._qkv(x_b1e, cos, sin)
+    layer_cache = {name: write_view(layer_cache[name], new[:, :, 0], positions_b, view)
+                   for name, new in (("k", k), ("v", v))}
+    valid = jnp.arange(view.length)[None, :] <= positions_b[:, None]
+    keys, values = (read_view(layer_cache[name], view).astype(q.dtype) for name in ("k", "v"))
+    return self._output(decode_attention(q, keys, values, valid, scale=self.cfg.head_dim ** -0.5)), layer_cache
 
 
 def _matmul_2d(x, kernel):
@@ -148,7 +193,13 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, cos, sin, segments_bs, layer_cache, cache_index):
-    attn_out, layer_cache = self.attn(self.input_norm(x), cos, sin, segments_bs, layer_cache, cache_index)
+    return self._residual(x, lambda h: self.attn(h, cos, sin, segments_bs, layer_cache, cache_index))
+
+  def decode(self, x, cos, sin, layer_cache, positions_b, view: DecodeView):
+    return self._residual(x, lambda h: self.attn.decode(h, cos, sin, layer_cache, positions_b, view))
+
+  def _residual(self, x, attention):
+    attn_out, layer_cache = attention(self.input_norm(x))
     x = x + attn_out
     x = x + self.mlp(self.post_attention_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed")), layer_cache
@@ -203,6 +254,16 @@ class Decoder(nnx.Module):
       x, layer_cache = layer(x, cos, sin, segments_bs, None if cache is None else cache[i], cache_index)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)
+
+  def decode_step(self, tokens_b, positions_b, cache: KVCache, view: DecodeView):
+    """Logits (view.batch, vocab) for one new token per row of `view` at its own position, and the updated cache."""
+    x = jnp.take(self.embed[...], tokens_b[:, None], axis=0).astype(self.cfg.dtype)
+    cos, sin = rope_cos_sin(positions_b[:, None], inverse_frequencies(self.cfg.rope, self.cfg.head_dim))
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = layer.decode(x, cos, sin, layer_cache, positions_b, view)
+      new_cache.append(layer_cache)
+    return self.logits(self.final_norm(x))[:, 0], new_cache
 
   def unembedding(self) -> jax.Array:
     """The (embed, vocab) matrix that maps final hidden states to logits."""

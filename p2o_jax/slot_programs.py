@@ -1,0 +1,157 @@
+"""The rollout engine's device programs: a fixed set of `slots`, each holding one request row (its KV cache, the
+tokens it has generated, its own limit, temperature and stop tokens), which the host (`sampling.Sampler`) schedules.
+
+- `empty_slots`: the slots' state for one call; every slot idle (done).
+- `prefill_slots`: run a group of prompts (right-padded to a prompt bucket) through the model, sample each row's first
+  token and write the rows into the given slots (their cache, first token, limits). Rows that stop at once are done.
+- `decode_segment`: one `lax.while_loop` of decode steps over a `DecodeView` of the slots: the first `view.rows` slots
+  of every device block, attending over the first `view.length` cache positions only, so a step's cost follows the
+  live rows and their filled cache, not the allocation. It stops after `max_steps` (the view's length is reached) or
+  as soon as `stop_at_done` rows of the view are done, so the host can refill or shrink the view.
+- `move_slots`: copy rows from slot to slot, one at a time (no second copy of the cache), to pack live rows to the
+  front of their block when the queue is empty and the view can shrink.
+
+Slot fields are (slots, ...) arrays; `pos` is where the row's last token (`last`) is written when it is fed, which is
+also its RoPE position (a row's prompt sits at positions 0 .. len - 1 of its slot, no left padding). A row's tokens are
+drawn with uniforms from (seed key, the row's index in the request, the token's index): scheduling never changes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from p2o_jax import sharding
+from p2o_jax.models.decoder import Decoder, DecodeView, init_cache, positions_from_mask
+from p2o_jax.token_sampling import row_uniforms, sample_tokens
+
+SLOT_FIELDS = ("tokens", "logprobs", "last", "pos", "count", "limit", "temperature", "row", "stops", "done")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMode:
+  """Everything static about a call's programs."""
+
+  max_new_tokens: int
+  kind: str  # "greedy" | "sample" | "mixed": see token_sampling.sample_tokens
+  top_k: int
+  use_top_p: bool
+  eos_ids: tuple[int, ...]
+  pad_id: int
+
+
+def _batch_axes(x: jax.Array) -> jax.Array:
+  return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "length", "mode", "stop_width"))
+def empty_slots(cfg, *, slots: int, length: int, mode: SlotMode, stop_width: int) -> dict:
+  """Idle slots with a (slots, kv, length, d) cache per layer."""
+  m = mode.max_new_tokens
+  fields = dict(tokens=jnp.full((slots, m), mode.pad_id, jnp.int32), logprobs=jnp.zeros((slots, m), jnp.float32),
+                last=jnp.zeros(slots, jnp.int32), pos=jnp.zeros(slots, jnp.int32), count=jnp.zeros(slots, jnp.int32),
+                limit=jnp.zeros(slots, jnp.int32), temperature=jnp.zeros(slots, jnp.float32),
+                row=jnp.zeros(slots, jnp.int32), stops=jnp.full((slots, stop_width), -1, jnp.int32),
+                done=jnp.ones(slots, bool))
+  return dict(cache=init_cache(cfg, slots, length), **{k: _batch_axes(v) for k, v in fields.items()})
+
+
+def _stopped(token_b, stops_bw, eos_ids):
+  own = jnp.any(token_b[:, None] == stops_bw, axis=1)
+  return own | jnp.isin(token_b, jnp.asarray(eos_ids, jnp.int32))
+
+
+def _draw(logits_bv, key, rows_b, index_b, temperature_b, top_p, mode: SlotMode):
+  uniform = (jnp.zeros(rows_b.shape, jnp.float32) if mode.kind == "greedy"
+             else row_uniforms(key, rows_b, index_b))
+  return sample_tokens(logits_bv, uniform, temperature_b, top_p, kind=mode.kind, top_k=mode.top_k,
+                       use_top_p=mode.use_top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
+def prefill_slots(graphdef, state, carry, key, top_p, group: dict, *, mode: SlotMode):
+  """Prefill `group` (tokens (g, p) right-padded, lengths, slot, row, limit, temperature, stops; a slot index out of
+  range drops that padding row) and write its rows into their slots."""
+  model: Decoder = nnx.merge(graphdef, state)
+  tokens, lengths, slot = group["tokens"], group["lengths"], group["slot"]
+  g, p = tokens.shape
+  valid = jnp.arange(p)[None, :] < lengths[:, None]
+  hidden, cache = model.hidden_states(tokens, positions_from_mask(valid), valid, init_cache(model.cfg, g, p), 0)
+  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+  token, logp = _draw(model.logits(last_hidden)[:, 0], key, group["row"], jnp.zeros_like(lengths),
+                      group["temperature"], top_p, mode)
+  m = mode.max_new_tokens
+  new = dict(tokens=jnp.full((g, m), mode.pad_id, jnp.int32).at[:, 0].set(token),
+             logprobs=jnp.zeros((g, m), jnp.float32).at[:, 0].set(logp), last=token, pos=lengths,
+             count=jnp.ones_like(lengths), limit=group["limit"], temperature=group["temperature"], row=group["row"],
+             stops=group["stops"], done=_stopped(token, group["stops"], mode.eos_ids) | (group["limit"] <= 1))
+  out = {k: carry[k].at[slot].set(v.astype(carry[k].dtype), mode="drop") for k, v in new.items()}
+  out["cache"] = [{name: layer[name].at[slot, :, :p].set(filled[name].astype(layer[name].dtype), mode="drop")
+                   for name in ("k", "v")} for layer, filled in zip(carry["cache"], cache)]
+  return out
+
+
+def _view_rows(x: jax.Array, view: DecodeView) -> jax.Array:
+  return x.reshape(view.blocks, -1, *x.shape[1:])[:, :view.rows].reshape(view.batch, *x.shape[1:])
+
+
+def _set_view_rows(x: jax.Array, rows: jax.Array, view: DecodeView) -> jax.Array:
+  blocked = x.reshape(view.blocks, -1, *x.shape[1:])
+  return blocked.at[:, :view.rows].set(rows.reshape(view.blocks, view.rows, *x.shape[1:])).reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "view"), donate_argnames=("carry",))
+def decode_segment(graphdef, state, carry, key, top_p, max_steps, stop_at_done, *, mode: SlotMode, view: DecodeView):
+  """Decode the view's live rows until `max_steps` steps or `stop_at_done` of its rows are done."""
+  model: Decoder = nnx.merge(graphdef, state)
+  m, b = mode.max_new_tokens, view.batch
+
+  def cond(c):
+    return (c["step"] < max_steps) & (jnp.sum(c["slots"]["done"]) < stop_at_done)
+
+  def body(c):
+    s = c["slots"]
+    live = ~s["done"]
+    logits, cache = model.decode_step(s["last"], s["pos"], c["cache"], view)
+    token, logp = _draw(logits, key, s["row"], s["count"], s["temperature"], top_p, mode)
+    index = jnp.where(live, s["count"], m)  # a done row writes nowhere
+    count = s["count"] + live
+    s = dict(s, tokens=s["tokens"].at[jnp.arange(b), index].set(token, mode="drop"),
+             logprobs=s["logprobs"].at[jnp.arange(b), index].set(logp, mode="drop"),
+             last=jnp.where(live, token, s["last"]), pos=s["pos"] + live, count=count,
+             done=s["done"] | (live & (_stopped(token, s["stops"], mode.eos_ids) | (count >= s["limit"]))))
+    return dict(cache=cache, slots=s, step=c["step"] + 1)
+
+  start = dict(cache=carry["cache"], slots={k: _view_rows(carry[k], view) for k in SLOT_FIELDS},
+               step=jnp.zeros((), jnp.int32))
+  end = jax.lax.while_loop(cond, body, start)
+  return dict(cache=end["cache"], **{k: _set_view_rows(carry[k], end["slots"][k], view) for k in SLOT_FIELDS})
+
+
+@functools.partial(jax.jit, donate_argnames=("carry",))
+def move_slots(carry, source, target, real):
+  """Move slot source[i] to slot target[i] where real[i], one row at a time (no second copy of the cache); a moved
+  row's old slot is left idle. Pairs that are not real (padding to a bucketed count) must have source == target."""
+  def one(i, c):
+    def move(x):
+      row = jax.lax.dynamic_slice_in_dim(x, source[i], 1, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(x, row, target[i], axis=0)
+    return jax.tree.map(move, c)
+  carry = jax.lax.fori_loop(0, source.shape[0], one, carry)
+  return dict(carry, done=carry["done"].at[source].max(real))
+
+
+@jax.jit
+def slot_status(carry) -> jax.Array:
+  """(3, slots) int32: done, pos, count: what the host schedules by."""
+  return jnp.stack([carry["done"].astype(jnp.int32), carry["pos"], carry["count"]])
+
+
+@jax.jit
+def slot_outputs(carry, slots):
+  """(tokens, log-probs) of the given slots."""
+  return carry["tokens"][slots], carry["logprobs"][slots]
