@@ -87,13 +87,14 @@ def build_policy(c: ml_collections.ConfigDict, checkpoint: str | os.PathLike, me
   """The policy of HF directory `checkpoint` (its weights, unless `model` brings others, and its tokenizer) on `mesh`,
   sampling prompts of up to rollout.max_prompt_len tokens; its reference (the same weights, frozen) samples Self-Ref
   reflections of up to p2o.reflection_max_prompt_len; every sampler call keeps its KV cache within
-  rollout.kv_cache_gib per device. Chat templates with Qwen3's thinking switch get model.enable_thinking (Self-Ref
-  reflection: p2o.thinking_in_reflection)."""
+  rollout.kv_cache_gib per device and runs in at most rollout.slots slots (0: as many as fit). Chat templates with
+  Qwen3's thinking switch get model.enable_thinking (Self-Ref reflection: p2o.thinking_in_reflection)."""
   if model is None:
     model = load_hf_model(checkpoint, mesh=mesh, **model_overrides(c, mesh))
   return Policy(model, load_tokenizer(checkpoint), mesh=mesh, max_prompt_len=c.rollout.max_prompt_len,
                 reference_max_prompt_len=c.p2o.reflection_max_prompt_len, cache_budget_bytes=cache_budget_bytes(c),
-                enable_thinking=c.model.enable_thinking, reflection_enable_thinking=c.p2o.thinking_in_reflection)
+                slots=c.rollout.slots, enable_thinking=c.model.enable_thinking,
+                reflection_enable_thinking=c.p2o.thinking_in_reflection)
 
 
 def cache_budget_bytes(c: ml_collections.ConfigDict) -> int:

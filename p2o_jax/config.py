@@ -89,10 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
       # A query whose plain prompt is over rollout.max_prompt_len tokens: "error" at load (the authors' code) or
       # "skip" it (counted, logged). Templated prompts over the limit are left-truncated instead (Policy.generate).
       too_long="error")
-  # kv_cache_gib: the KV cache one sampler call may take per device; calls with more rows (rollouts, evaluation, GEPA
-  # scoring) run in chunks of rows that fit. 0: no budget, every call in one chunk. The dry run checks it fits.
+  # The sampler is a continuous-batching engine: a call's rows run in a fixed number of slots, a finished row's slot
+  # taking the next waiting row. kv_cache_gib: the KV cache its slots may take per device (0: no budget); slots: at
+  # most this many slots (0: as many as the budget holds, or every row of the call). The dry run checks it fits.
   c.rollout = dict(max_prompt_len=512, max_new_tokens=1024, temperature=0.6, top_p=1.0, top_k=0, num_samples=6,
-                   kv_cache_gib=0.0)
+                   kv_cache_gib=0.0, slots=0)
   # functions: "name[=weight], ..." — built-in graders (math: math-verify; equivalence: our sympy grader;
   # builtin_exact; boxed_format) or "package.module:function" in TRL's reward-function convention. The first one is
   # the correctness reward that accuracy, the hard set and GEPA read (p2o_jax/rewards/functions.py). Empty: by
@@ -204,8 +205,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             "reward.timeout_s", "grpo.ppo_epochs", "grpo.num_minibatches", "grpo.micro_batch_size", "train.batch_size",
             "train.epochs", "optim.lr", "teacher_sft.rows")
   _positive(c, "teacher_sft.steps", "teacher_sft.row_len", "teacher_sft.lr", allow_zero=True)
-  _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "train.max_steps", "grpo.kl_coef",
-            "eval.every_steps", allow_zero=True)
+  _positive(c, "rollout.temperature", "rollout.top_k", "rollout.kv_cache_gib", "rollout.slots", "train.max_steps",
+            "grpo.kl_coef", "eval.every_steps", allow_zero=True)
   _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"{c.rollout.top_p} must be in (0, 1]")
   _one_of(c, "reward.fallback")
   try:

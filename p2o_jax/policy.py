@@ -47,15 +47,17 @@ class Policy:
   """
 
   def __init__(self, model: Decoder, tokenizer, *, mesh: jax.sharding.Mesh | None, max_prompt_len: int,
-               reference_max_prompt_len: int | None = None, cache_budget_bytes: int = 0,
+               reference_max_prompt_len: int | None = None, cache_budget_bytes: int = 0, slots: int = 0,
                enable_thinking: bool = False, reflection_enable_thinking: bool = False):
     self.tokenizer, self.mesh = tokenizer, mesh
     self.enable_thinking, self.reflection_enable_thinking = enable_thinking, reflection_enable_thinking
     self.prompts_truncated = 0  # rows over all calls so far (this process's rows for process-local calls)
     self.graphdef, self.params = nnx.split(model)
     self.cache_budget_bytes = cache_budget_bytes  # per device, for every sampler call (0: no budget)
+    self.slots = slots  # the most slots a sampler call runs in (0: as many as the budget holds)
     self.sampler = Sampler(model, eos_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                           max_prompt_len=max_prompt_len, mesh=mesh, cache_budget_bytes=cache_budget_bytes)
+                           max_prompt_len=max_prompt_len, mesh=mesh, cache_budget_bytes=cache_budget_bytes,
+                           slots=slots)
     self.ref_params: nnx.State | None = None  # see freeze_reference
     self.reference_max_prompt_len = reference_max_prompt_len or max_prompt_len
     self._reference_sampler: Sampler | None = None
@@ -119,9 +121,9 @@ class Policy:
       return self.sampler
     if self.ref_params is None:
       raise ValueError("this policy keeps no reference params (call freeze_reference first)")
-    if self._reference_sampler is None:
+    if self._reference_sampler is None:  # reflections are rare: no second copy of the weights
       self._reference_sampler = Sampler(nnx.merge(self.graphdef, self.ref_params), eos_ids=self.sampler.eos_ids,
                                         pad_id=self.pad_id, max_prompt_len=self.reference_max_prompt_len,
                                         mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes,
-                                        copy_weights=False)  # reflections are rare: no second copy of the weights
+                                        slots=self.slots, copy_weights=False)
     return self._reference_sampler

@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from p2o_jax import distributed, sharding
-from p2o_jax.models.decoder import Decoder, DecodeView, cast_floating
-from p2o_jax.slot_programs import (SlotMode, decode_segment, empty_slots, move_slots, prefill_slots, slot_outputs,
-                                   slot_status)
+from p2o_jax.models.decoder import Decoder, cast_floating
+from p2o_jax.slot_programs import (SLOT_FIELDS, SlotMode, decode_segment, empty_slots, prefill_slots, regroup_fields,
+                                   regroup_layer, slot_outputs, slot_status)
 from p2o_jax.slot_schedule import RowRequests, SlotSchedule
 
 
@@ -248,52 +248,75 @@ class Sampler:
     tokens = np.full((len(requests), m), self.pad_id, np.int32)
     logprobs = np.zeros((len(requests), m), np.float32)
     lengths = np.zeros(len(requests), np.int32)
-    self.last_stats = dict(slots=0, prefills=0, segments=0, moves=0, tokens=0)
+    self.last_stats = dict(slots=0, prefills=0, segments=0, regroups=0, tokens=0)
     if not len(requests):
       return tokens, logprobs, lengths
-    length = round_up_to_bucket(max(map(len, requests.prompts)), self.prompt_buckets) + m
-    slots = self.slot_count(len(requests), length)
+    # A slot holds at most the longest prompt's bucket + the largest row limit.
+    width = int(requests.limits.max())
+    prompt_len = round_up_to_bucket(max(map(len, requests.prompts)), self.prompt_buckets)
+    slots = self.slot_count(len(requests), prompt_len + width)
     blocks = sharding.batch_divisor(self.mesh)
-    mode = SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
+    mode = SlotMode(width, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
     schedule = SlotSchedule(len(requests), blocks, slots // blocks)
     top_p = jnp.float32(cfg.top_p)
-    views = default_buckets(length, smallest=min(self.SMALLEST_VIEW, length))
+    lengths_buckets = default_buckets(prompt_len + width, smallest=min(self.SMALLEST_VIEW, prompt_len + width))
+    cache_len = lambda needed: round_up_to_bucket(min(needed, lengths_buckets[-1]), lengths_buckets)
 
-    def collect(carry, status):
-      finished = schedule.update(status)
+    def collect(carry):
+      finished = schedule.update(distributed.to_host(slot_status(carry)))
       if finished:
-        slot_ids = [s for s, _ in finished]
-        got_tokens, got_logp = (distributed.to_host(x) for x in slot_outputs(carry, self._slot_index(slot_ids)))
+        got_tokens, got_logp = (distributed.to_host(x)
+                                for x in slot_outputs(carry, self._slot_index([s for s, _ in finished])))
         for i, (slot, row) in enumerate(finished):
-          lengths[row] = status[2, slot]
-          tokens[row], logprobs[row] = got_tokens[i], got_logp[i]
+          tokens[row, :width], logprobs[row, :width] = got_tokens[i], got_logp[i]
+          lengths[row] = schedule.count[slot]
+      return finished
 
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      length = cache_len(prompt_len + self.SEGMENT_STEPS)
       carry = empty_slots(self.cfg, slots=slots, length=length, mode=mode, stop_width=requests.stop_width())
       self.last_stats["slots"] = slots
       while not schedule.idle():
         placed = schedule.place()
         if placed:
-          carry = prefill_slots(self.graphdef, self.state, carry, key, top_p,
-                                self._prefill_group(placed, requests, slots), mode=mode)
+          group = self._prefill_group(placed, requests, schedule.blocks * schedule.per_block)
+          if group["tokens"].shape[1] > length:
+            length = cache_len(group["tokens"].shape[1] + self.SEGMENT_STEPS)
+            carry = self._regroup(carry, schedule, schedule.per_block, length)
+          carry = prefill_slots(self.graphdef, self.state, carry, key, top_p, group, mode=mode)
           self.last_stats["prefills"] += 1
-          collect(carry, distributed.to_host(slot_status(carry)))
+          collect(carry)
           continue  # rows that stopped at their first token free their slots at once
-        row_buckets = self._row_buckets(slots // blocks)
-        if (round_up_to_bucket(schedule.packed_rows(), row_buckets)
-            < round_up_to_bucket(schedule.view_rows(), row_buckets)):
-          carry = self._pack(carry, schedule)
-        carry = self._segment(carry, schedule, key, top_p, mode, views, slots)
-        collect(carry, distributed.to_host(slot_status(carry)))
+        per_block = schedule.per_block
+        if not schedule.queue:  # nothing waits: keep only the slots the live rows need
+          per_block = round_up_to_bucket(schedule.packed_rows(), default_buckets(schedule.per_block, smallest=1))
+        needed = cache_len(schedule.longest_live() + self.SEGMENT_STEPS)
+        if per_block < schedule.per_block or needed > length or 2 * needed <= length:
+          length = needed
+          carry = self._regroup(carry, schedule, per_block, length)
+        carry = self._segment(carry, schedule, key, top_p, mode, length)
+        collect(carry)
     self.last_stats["tokens"] = int(lengths.sum())
     return tokens, logprobs, lengths
 
-  def _row_buckets(self, per_block: int) -> tuple[int, ...]:
-    return default_buckets(per_block, smallest=1)
+  def _regroup(self, carry, schedule: SlotSchedule, per_block: int, length: int) -> dict:
+    """The state with `per_block` slots per block (live rows first) and a cache of `length` positions."""
+    index = self._replicated(schedule.regroup(per_block).astype(np.int32))
+    self.last_stats["regroups"] += 1
+    fields = regroup_fields({k: carry[k] for k in SLOT_FIELDS}, index)
+    old, cache = carry.pop("cache"), []
+    while old:  # the old layer's last reference goes with the call: freed once it is copied
+      cache.append(regroup_layer(old.pop(0), index, length=length))
+    return dict(cache=cache, **fields)
 
   def _slot_index(self, slots: Sequence[int]) -> jax.Array:
-    size = round_up_to_bucket(len(slots), default_buckets(1 << max(len(slots) - 1, 0).bit_length(), smallest=1))
-    return jnp.asarray(_pad_to(slots, size, slots[0]))
+    """`slots` padded (with its first) to a power-of-two count: few distinct gathers to compile."""
+    return self._replicated(_pad_to(slots, 1 << max(len(slots) - 1, 0).bit_length(), slots[0]))
+
+  def _replicated(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
   def _prefill_group(self, placed: list[tuple[int, int]], requests: RowRequests, slots: int) -> dict[str, jax.Array]:
     """The placed rows as one prefill batch: a power-of-two count of rows (a multiple of the batch devices), prompts
@@ -321,30 +344,18 @@ class Sampler:
       return jnp.asarray(x)
     return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, len(x)))
 
-  def _pack(self, carry, schedule: SlotSchedule):
-    source, target = schedule.compaction()
-    size = 1 << max(len(source) - 1, 0).bit_length()
-    real = np.arange(size) < len(source)
-    self.last_stats["moves"] += len(source)
-    return move_slots(carry, jnp.asarray(_pad_to(source, size, 0)), jnp.asarray(_pad_to(target, size, 0)),
-                      jnp.asarray(real))
-
-  def _segment(self, carry, schedule: SlotSchedule, key, top_p, mode: SlotMode, views: Sequence[int], slots: int):
-    """One decode segment over the smallest view that holds the live rows and SEGMENT_STEPS more tokens of the
-    longest (or the whole allocation). It ends when enough slots free up to refill, or when the view could shrink."""
-    per_block = slots // schedule.blocks
-    rows = round_up_to_bucket(schedule.view_rows(), self._row_buckets(per_block))
-    longest = schedule.longest_live()
-    length = round_up_to_bucket(min(longest + self.SEGMENT_STEPS, views[-1]), views)
-    view = DecodeView(schedule.blocks, rows, length)
-    live = int(schedule.live().sum())  # every live row is in the view; its other slots are idle (done)
+  def _segment(self, carry, schedule: SlotSchedule, key, top_p, mode: SlotMode, length: int):
+    """One decode segment. It ends when the cache is full, when enough slots free up to refill, or (nothing waiting)
+    when half the slots are idle, so the state can shrink."""
+    slots = schedule.blocks * schedule.per_block
+    live = int(schedule.live().sum())
     if schedule.queue:
       wanted = max(1, min(len(schedule.queue), slots // self.REFILL_FRACTION))
-    else:  # the view can shrink (after packing) once half of it is done
-      wanted = live if rows == 1 else max(1, live - view.batch // 2)
+    else:
+      wanted = live if schedule.per_block == 1 else max(1, live - slots // 2)
     self.last_stats["segments"] += 1
-    return decode_segment(self.graphdef, self.state, carry, key, top_p, jnp.int32(length - longest),
-                          jnp.int32(view.batch - live + min(wanted, live)), mode=mode, view=view)
+    return decode_segment(self.graphdef, self.state, carry, key, top_p, jnp.int32(length - schedule.longest_live()),
+                          jnp.int32(slots - live + min(wanted, live)), mode=mode)
 
 
 def _output(tokens: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray) -> SampleOutput:

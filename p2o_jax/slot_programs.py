@@ -1,19 +1,22 @@
-"""The rollout engine's device programs: a fixed set of `slots`, each holding one request row (its KV cache, the
-tokens it has generated, its own limit, temperature and stop tokens), which the host (`sampling.Sampler`) schedules.
+"""The rollout engine's device programs: a set of slots, each holding one request row (its KV cache, the tokens it
+has generated, its own limit, temperature and stop tokens), which the host (`sampling.Sampler`) schedules.
 
 - `empty_slots`: the slots' state for one call; every slot idle (done).
 - `prefill_slots`: run a group of prompts (right-padded to a prompt bucket) through the model, sample each row's first
   token and write the rows into the given slots (their cache, first token, limits). Rows that stop at once are done.
-- `decode_segment`: one `lax.while_loop` of decode steps over a `DecodeView` of the slots: the first `view.rows` slots
-  of every device block, attending over the first `view.length` cache positions only, so a step's cost follows the
-  live rows and their filled cache, not the allocation. It stops after `max_steps` (the view's length is reached) or
-  as soon as `stop_at_done` rows of the view are done, so the host can refill or shrink the view.
-- `move_slots`: copy rows from slot to slot, one at a time (no second copy of the cache), to pack live rows to the
-  front of their block when the queue is empty and the view can shrink.
+- `decode_segment`: one `lax.while_loop` of decode steps over every slot, attending over the slots' whole cache. It
+  stops after `max_steps` (the cache is full up to its length) or as soon as `stop_at_done` slots are done, so the
+  host can refill slots or shrink the state.
+- `regroup_fields`, `regroup_layer`: the state resized to other slots (live rows packed, idle ones dropped) and another
+  cache length, one layer at a time.
 
-Slot fields are (slots, ...) arrays; `pos` is where the row's last token (`last`) is written when it is fed, which is
-also its RoPE position (a row's prompt sits at positions 0 .. len - 1 of its slot, no left padding). A row's tokens are
-drawn with uniforms from (seed key, the row's index in the request, the token's index): scheduling never changes them.
+The state is always the size of the live work: the host keeps the cache as long as the longest live row needs (a
+power-of-two bucket) and the slots as many as the live rows (packed when the queue is empty), so a decode step costs
+what the live rows need, never the allocation. Slot fields are (slots, ...) arrays; `pos` is where the row's last token
+(`last`) is written when it is fed, which is also its RoPE position (a row's prompt sits at positions 0 .. len - 1 of
+its slot, no left padding). Slots are `blocks` equal blocks (one per batch device); resizes gather within a block.
+A row's tokens are drawn with uniforms from (seed key, the row's index in the request, the token's index): scheduling
+never changes them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2o_jax import sharding
-from p2o_jax.models.decoder import Decoder, DecodeView, init_cache, positions_from_mask
+from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
 from p2o_jax.token_sampling import row_uniforms, sample_tokens
 
 SLOT_FIELDS = ("tokens", "logprobs", "last", "pos", "count", "limit", "temperature", "row", "stops", "done")
@@ -95,20 +98,11 @@ def prefill_slots(graphdef, state, carry, key, top_p, group: dict, *, mode: Slot
   return out
 
 
-def _view_rows(x: jax.Array, view: DecodeView) -> jax.Array:
-  return x.reshape(view.blocks, -1, *x.shape[1:])[:, :view.rows].reshape(view.batch, *x.shape[1:])
-
-
-def _set_view_rows(x: jax.Array, rows: jax.Array, view: DecodeView) -> jax.Array:
-  blocked = x.reshape(view.blocks, -1, *x.shape[1:])
-  return blocked.at[:, :view.rows].set(rows.reshape(view.blocks, view.rows, *x.shape[1:])).reshape(x.shape)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "view"), donate_argnames=("carry",))
-def decode_segment(graphdef, state, carry, key, top_p, max_steps, stop_at_done, *, mode: SlotMode, view: DecodeView):
-  """Decode the view's live rows until `max_steps` steps or `stop_at_done` of its rows are done."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
+def decode_segment(graphdef, state, carry, key, top_p, max_steps, stop_at_done, *, mode: SlotMode):
+  """Decode every live slot until `max_steps` steps or until `stop_at_done` slots are done."""
   model: Decoder = nnx.merge(graphdef, state)
-  m, b = mode.max_new_tokens, view.batch
+  m, b = mode.max_new_tokens, carry["done"].shape[0]
 
   def cond(c):
     return (c["step"] < max_steps) & (jnp.sum(c["slots"]["done"]) < stop_at_done)
@@ -116,7 +110,7 @@ def decode_segment(graphdef, state, carry, key, top_p, max_steps, stop_at_done, 
   def body(c):
     s = c["slots"]
     live = ~s["done"]
-    logits, cache = model.decode_step(s["last"], s["pos"], c["cache"], view)
+    logits, cache = model.decode_step(s["last"], s["pos"], c["cache"])
     token, logp = _draw(logits, key, s["row"], s["count"], s["temperature"], top_p, mode)
     index = jnp.where(live, s["count"], m)  # a done row writes nowhere
     count = s["count"] + live
@@ -126,23 +120,34 @@ def decode_segment(graphdef, state, carry, key, top_p, max_steps, stop_at_done, 
              done=s["done"] | (live & (_stopped(token, s["stops"], mode.eos_ids) | (count >= s["limit"]))))
     return dict(cache=cache, slots=s, step=c["step"] + 1)
 
-  start = dict(cache=carry["cache"], slots={k: _view_rows(carry[k], view) for k in SLOT_FIELDS},
-               step=jnp.zeros((), jnp.int32))
+  start = dict(cache=carry["cache"], slots={k: carry[k] for k in SLOT_FIELDS}, step=jnp.zeros((), jnp.int32))
   end = jax.lax.while_loop(cond, body, start)
-  return dict(cache=end["cache"], **{k: _set_view_rows(carry[k], end["slots"][k], view) for k in SLOT_FIELDS})
+  return dict(cache=end["cache"], **end["slots"])
 
 
-@functools.partial(jax.jit, donate_argnames=("carry",))
-def move_slots(carry, source, target, real):
-  """Move slot source[i] to slot target[i] where real[i], one row at a time (no second copy of the cache); a moved
-  row's old slot is left idle. Pairs that are not real (padding to a bucketed count) must have source == target."""
-  def one(i, c):
-    def move(x):
-      row = jax.lax.dynamic_slice_in_dim(x, source[i], 1, axis=0)
-      return jax.lax.dynamic_update_slice_in_dim(x, row, target[i], axis=0)
-    return jax.tree.map(move, c)
-  carry = jax.lax.fori_loop(0, source.shape[0], one, carry)
-  return dict(carry, done=carry["done"].at[source].max(real))
+def _per_block_take(x: jax.Array, index_br: jax.Array) -> jax.Array:
+  """Rows index_br[d] of block d of x (blocks = index_br.shape[0]); a gather within each block, so rows never
+  leave their device."""
+  blocked = x.reshape(index_br.shape[0], -1, *x.shape[1:])
+  taken = jax.vmap(lambda block, index: block[index])(blocked, index_br)
+  return taken.reshape(-1, *x.shape[1:])
+
+
+@jax.jit
+def regroup_fields(fields: dict, index_br: jax.Array) -> dict:
+  """The slot fields (not the cache) of the slots index_br selects, block by block."""
+  return {k: _batch_axes(_per_block_take(v, index_br)) for k, v in fields.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def regroup_layer(layer: dict, index_br: jax.Array, *, length: int) -> dict:
+  """One layer's cache for the slots index_br selects, cut or zero-padded to `length` positions. One layer per call,
+  the caller dropping the old layer before the next call, so a resize never holds a second copy of the whole cache."""
+  def one(x):
+    x = _per_block_take(x, index_br)
+    x = x[:, :, :length] if x.shape[2] >= length else jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+    return sharding.constrain(x, ("batch", "kv_heads", "cache_length", "head_dim"))
+  return {name: one(x) for name, x in layer.items()}
 
 
 @jax.jit

@@ -2,8 +2,8 @@
 which slots to fill next, and how to pack live rows so the next decode segment's view can shrink. Plain Python.
 
 Slots are `blocks` blocks of `per_block` (one block per batch device); slot d * per_block + j is row j of block d. New
-rows take the free slots with the lowest in-block index first, round-robin over blocks, so live rows stay packed at
-the front of every block and balanced over devices.
+rows take the free slots with the lowest in-block index first, round-robin over blocks, so rows stay balanced over
+devices; once no row waits, `regroup` packs each block's live rows and drops idle slots.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class SlotSchedule:
     self.holder = np.full(blocks * per_block, -1, np.int64)  # the request row each slot holds, -1: free
     self.pos = np.zeros(blocks * per_block, np.int64)  # from the device after every program
     self.done = np.ones(blocks * per_block, bool)
+    self.count = np.zeros(blocks * per_block, np.int64)  # tokens each slot's row has generated
 
   def _fill_order(self) -> np.ndarray:
     """Every slot, lowest in-block index first, round-robin over blocks."""
@@ -80,7 +81,7 @@ class SlotSchedule:
 
   def update(self, status: np.ndarray) -> list[tuple[int, int]]:
     """Take the device's (done, pos, count) per slot; return (slot, row) of the rows that finished, and free them."""
-    self.done, self.pos = status[0].astype(bool), status[1].astype(np.int64)
+    self.done, self.pos, self.count = status[0].astype(bool), status[1].astype(np.int64), status[2].astype(np.int64)
     finished = [(int(s), int(self.holder[s])) for s in np.flatnonzero(self.done & (self.holder >= 0))]
     for slot, _ in finished:
       self.holder[slot] = -1
@@ -95,30 +96,21 @@ class SlotSchedule:
   def _blocked_live(self) -> np.ndarray:
     return self.live().reshape(self.blocks, self.per_block)
 
-  def view_rows(self) -> int:
-    """In-block rows the next segment must cover: up to the highest live one of any block."""
-    live = self._blocked_live()
-    highest = np.where(live.any(axis=1), self.per_block - np.argmax(live[:, ::-1], axis=1), 0)
-    return int(highest.max())
-
   def packed_rows(self) -> int:
-    """view_rows after `compaction`: the most live rows of any block."""
+    """Slots per block that would hold every live row if they were packed: the most live rows of any block."""
     return int(self._blocked_live().sum(axis=1).max())
 
-  def compaction(self) -> tuple[list[int], list[int]]:
-    """(source, target) slot moves that pack every block's live rows to its front; applied to the bookkeeping."""
-    source, target = [], []
-    for d, live in enumerate(self._blocked_live()):
-      n = int(live.sum())
-      movers = [j for j in range(n, self.per_block) if live[j]]
-      holes = [j for j in range(n) if not live[j]]
-      for j, hole in zip(movers, holes):
-        source.append(d * self.per_block + j)
-        target.append(d * self.per_block + hole)
-    for s, t in zip(source, target):
-      self.holder[t], self.holder[s] = self.holder[s], -1
-      self.pos[t], self.done[t] = self.pos[s], self.done[s]
-    return source, target
+  def regroup(self, per_block: int) -> np.ndarray:
+    """(blocks, per_block) old in-block slot indices for new slots: each block's live rows first, in order, then idle
+    slots. Applied to the bookkeeping; the device state must be regrouped with the same index."""
+    order = np.argsort(~self._blocked_live(), axis=1, kind="stable")
+    if per_block > self.per_block:
+      raise ValueError(f"regroup to {per_block} slots per block, more than the {self.per_block} there are")
+    index = order[:, :per_block]
+    flat = (index + self.per_block * np.arange(self.blocks)[:, None]).reshape(-1)
+    self.holder, self.pos, self.done, self.count = (x[flat] for x in (self.holder, self.pos, self.done, self.count))
+    self.per_block = per_block
+    return index
 
   def longest_live(self) -> int:
     """The highest cache position a live row writes next."""

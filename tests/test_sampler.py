@@ -215,7 +215,7 @@ def test_twenty_prompt_lengths_compile_one_program_per_bucket(qwen2):
   for length in lengths:
     bucketed.generate(hf_models.random_prompts([length, length], vocab_size=96, seed=int(length)), config)
   # At most, not exactly: another test file may already have compiled this mode for the same tiny model. A decode
-  # segment's view covers 2 slots, or 1 once a row has finished: two programs per bucket at most.
+  # segment runs over 2 slots, or 1 once a row has finished: two programs per bucket at most.
   assert prefill_slots._cache_size() - before[0] <= len(bucketed.prompt_buckets)
   assert decode_segment._cache_size() - before[1] <= 2 * len(bucketed.prompt_buckets)
 

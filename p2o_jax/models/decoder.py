@@ -11,7 +11,6 @@ each key slot's segment (`segments`, (batch, keys): 0 = padding; a bool validity
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -49,34 +48,10 @@ class RMSNorm(nnx.Module):
     return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeView:
-  """The part of a (slots, kv, length, d) cache a decode step reads and writes: the first `rows` slots of each of
-  `blocks` equal blocks of slots (one block per batch device, so a row never leaves its device) and the first `length`
-  positions. A decode step's cost follows the view, not the allocation."""
-
-  blocks: int
-  rows: int
-  length: int
-
-  @property
-  def batch(self) -> int:
-    return self.blocks * self.rows
-
-
-def read_view(cache_sksd: jax.Array, view: DecodeView) -> jax.Array:
-  """(view.batch, kv, view.length, d): the view's rows, block by block."""
-  blocked = cache_sksd.reshape(view.blocks, -1, *cache_sksd.shape[1:])
-  return blocked[:, :view.rows, :, :view.length].reshape(view.batch, cache_sksd.shape[1], view.length, -1)
-
-
-def write_view(cache_sksd: jax.Array, new_bkd: jax.Array, positions_b: jax.Array, view: DecodeView) -> jax.Array:
-  """`cache_sksd` with row i of the view set to new_bkd[i] at position positions_b[i] (a scatter: in place)."""
-  blocked = cache_sksd.reshape(view.blocks, -1, *cache_sksd.shape[1:])
-  block = jnp.repeat(jnp.arange(view.blocks), view.rows)
-  row = jnp.tile(jnp.arange(view.rows), view.blocks)
-  blocked = blocked.at[block, row, :, positions_b].set(new_bkd.astype(cache_sksd.dtype))
-  return blocked.reshape(cache_sksd.shape)
+def write_rows(cache_bksd: jax.Array, new_bkd: jax.Array, positions_b: jax.Array) -> jax.Array:
+  """`cache_bksd` with row i's new_bkd[i] at position positions_b[i] (a scatter: in place in a loop)."""
+  rows = jnp.arange(cache_bksd.shape[0])
+  return cache_bksd.at[rows, :, positions_b].set(new_bkd.astype(cache_bksd.dtype))
 
 
 class Attention(nnx.Module):
@@ -133,15 +108,15 @@ class Attention(nnx.Module):
                  impl=self.cfg.attention)
     return self._output(out), layer_cache
 
-  def decode(self, x_b1e, cos, sin, layer_cache, positions_b, view: DecodeView):
-    """One new token per row of `view`, each at its own cache position: written there, attending over the row's
-    cache up to it (the first view.length slots are read, not the whole allocation)."""
+  def decode(self, x_b1e, cos, sin, layer_cache, positions_b):
+    """One new token per row, each at its own cache position: written there, attending over the row's cache up to
+    it. The cache is as long as the engine's current view (the longest live row), not the allocation."""
     q, k, v = self._qkv(x_b1e, cos, sin)
-    layer_cache = {name: write_view(layer_cache[name], new[:, :, 0], positions_b, view)
-                   for name, new in (("k", k), ("v", v))}
-    valid = jnp.arange(view.length)[None, :] <= positions_b[:, None]
-    keys, values = (read_view(layer_cache[name], view).astype(q.dtype) for name in ("k", "v"))
-    return self._output(decode_attention(q, keys, values, valid, scale=self.cfg.head_dim ** -0.5)), layer_cache
+    layer_cache = {name: write_rows(layer_cache[name], new[:, :, 0], positions_b) for name, new in (("k", k), ("v", v))}
+    valid = jnp.arange(layer_cache["k"].shape[2])[None, :] <= positions_b[:, None]
+    out = decode_attention(q, layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype), valid,
+                           scale=self.cfg.head_dim ** -0.5)
+    return self._output(out), layer_cache
 
 
 def _matmul_2d(x, kernel):
@@ -195,8 +170,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, segments_bs, layer_cache, cache_index):
     return self._residual(x, lambda h: self.attn(h, cos, sin, segments_bs, layer_cache, cache_index))
 
-  def decode(self, x, cos, sin, layer_cache, positions_b, view: DecodeView):
-    return self._residual(x, lambda h: self.attn.decode(h, cos, sin, layer_cache, positions_b, view))
+  def decode(self, x, cos, sin, layer_cache, positions_b):
+    return self._residual(x, lambda h: self.attn.decode(h, cos, sin, layer_cache, positions_b))
 
   def _residual(self, x, attention):
     attn_out, layer_cache = attention(self.input_norm(x))
@@ -255,13 +230,13 @@ class Decoder(nnx.Module):
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else new_cache)
 
-  def decode_step(self, tokens_b, positions_b, cache: KVCache, view: DecodeView):
-    """Logits (view.batch, vocab) for one new token per row of `view` at its own position, and the updated cache."""
+  def decode_step(self, tokens_b, positions_b, cache: KVCache):
+    """Logits (b, vocab) for one new token per row at its own position, and the updated cache."""
     x = jnp.take(self.embed[...], tokens_b[:, None], axis=0).astype(self.cfg.dtype)
     cos, sin = rope_cos_sin(positions_b[:, None], inverse_frequencies(self.cfg.rope, self.cfg.head_dim))
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
-      x, layer_cache = layer.decode(x, cos, sin, layer_cache, positions_b, view)
+      x, layer_cache = layer.decode(x, cos, sin, layer_cache, positions_b)
       new_cache.append(layer_cache)
     return self.logits(self.final_norm(x))[:, 0], new_cache
 
