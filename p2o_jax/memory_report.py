@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -190,14 +189,14 @@ def measure(c: ml_collections.ConfigDict, steps, mesh, where: str, hbm_bytes: in
 
 def _sampler_memory(call: SamplerCall, graphdef, cfg, state, state_bytes: int, mesh,
                     budget: int) -> list[FunctionMemory]:
-  """The prefill and decode of `call`, at the rows one device call takes (a chunk, when the budget splits it)."""
+  """The prefill and decode of `call` at the engine's peak: as many slots as the budget holds (or the call's rows),
+  every one prefilled at once, then decoding with the cache at the whole allocation."""
   length = call.prompt_len + call.sampling.max_new_tokens
-  chunk = sampling.chunk_rows(budget, cfg, length, mesh) or sys.maxsize
-  rows = sampling.call_batch(call.rows, chunk, mesh)
-  kv_cache = sampling.kv_cache_bytes_per_row(cfg, length, mesh) * rows // sharding.batch_divisor(mesh)
-  shapes = f"{rows} rows x {call.prompt_len} + {call.sampling.max_new_tokens} tokens" + (
-      f" (of {call.rows})" if rows < call.rows else "")
+  slots = sampling.slot_count(call.rows, length, cfg=cfg, mesh=mesh, cache_budget_bytes=budget)
+  kv_cache = sampling.kv_cache_bytes_per_row(cfg, length, mesh) * slots // sharding.batch_divisor(mesh)
+  shapes = f"{slots} slots x {call.prompt_len} + {call.sampling.max_new_tokens} tokens" + (
+      f" (for {call.rows} rows)" if slots < call.rows else "")
   prefill, decode = compiled(f"sampler: {call.name}", shapes, lambda: sampling.lower_sampler_call(
-      graphdef, state, mesh, rows=rows, prompt_len=call.prompt_len, cfg=call.sampling))
+      graphdef, state, mesh, rows=slots, prompt_len=call.prompt_len, cfg=call.sampling))
   return [function_memory(f"sampler {part}: {call.name}", shapes, compiled, resident_args=state_bytes,
                           kv_cache=kv_cache) for part, compiled in (("prefill", prefill), ("decode", decode))]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from p2o_jax import distributed, sharding
 from p2o_jax.models.decoder import Decoder, cast_floating
@@ -130,7 +131,7 @@ def kv_cache_bytes_per_row(cfg, length: int, mesh: jax.sharding.Mesh | None) -> 
 
 
 def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mesh | None) -> int | None:
-  """Rows per sampler call whose KV cache fits `cache_budget_bytes` per device (None: no budget, one call)."""
+  """Slots (rows decoding at once) whose KV cache fits `cache_budget_bytes` per device (None: no budget)."""
   if not cache_budget_bytes:
     return None
   per_row = kv_cache_bytes_per_row(cfg, length, mesh)
@@ -141,6 +142,26 @@ def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mes
   return rows_per_device * sharding.batch_divisor(mesh)
 
 
+
+
+def slot_count(rows: int, length: int, *, cfg, mesh: jax.sharding.Mesh | None, cache_budget_bytes: int,
+               most: int = 0) -> int:
+  """Slots for a call of `rows` rows whose cache rows hold `length` positions: as many as the KV-cache budget holds
+  (all rows without one), at most `most` if set, never more than the rows need; a multiple of the batch devices."""
+  divisor = sharding.batch_divisor(mesh)
+  wanted = -(-rows // divisor) * divisor
+  if most:
+    wanted = min(wanted, -(-most // divisor) * divisor)
+  budget = chunk_rows(cache_budget_bytes, cfg, length, mesh)
+  return min(wanted, budget) if budget else wanted
+
+
+def _params_mesh(state: nnx.State) -> jax.sharding.Mesh | None:
+  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(state)]
+  if not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+    return None
+  meshes = {s.mesh for s in shardings}
+  return meshes.pop() if len(meshes) == 1 else None
 
 
 def _pad_to(values: Sequence[int], size: int, fill: int) -> np.ndarray:
@@ -176,7 +197,9 @@ class Sampler:
     # False: read the params as they are (fsdp shards gathered every decode step) instead of keeping a whole copy; for
     # rare calls such as Self-Ref reflection, where a second copy's HBM costs more than the gathers' time.
     self.copy_weights = copy_weights
-    self.mesh = mesh
+    # Without a mesh, the mesh the params live on (load_hf_model puts them on a 1-device one): every program of a call
+    # then runs under it, so their outputs carry one kind of sharding and a call compiles each program once.
+    self.mesh = mesh if mesh is not None else _params_mesh(state)
     self.set_params(state)
     self.eos_ids = tuple(int(e) for e in eos_ids)
     self.pad_id = int(pad_id)
@@ -199,14 +222,8 @@ class Sampler:
                          "(Policy.generate left-truncates; a direct Sampler call must pass prompts that fit)")
 
   def slot_count(self, rows: int, length: int) -> int:
-    """Slots for a call of `rows` rows whose cache rows hold `length` positions: `slots` if set, else as many as the
-    KV-cache budget holds, never more than the rows need; a multiple of the batch devices."""
-    divisor = sharding.batch_divisor(self.mesh)
-    wanted = -(-rows // divisor) * divisor
-    if self.slots:
-      wanted = min(wanted, -(-self.slots // divisor) * divisor)
-    budget = chunk_rows(self.cache_budget_bytes, self.cfg, length, self.mesh)
-    return min(wanted, budget) if budget else wanted
+    return slot_count(rows, length, cfg=self.cfg, mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes,
+                      most=self.slots)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
                seed: int | jax.Array = 0, process_local: bool = False,
@@ -361,3 +378,28 @@ class Sampler:
 def _output(tokens: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray) -> SampleOutput:
   mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   return SampleOutput(tokens=tokens, mask=mask, lengths=lengths, logprobs=np.where(mask, logprobs, 0.0))
+
+
+def lower_sampler_call(graphdef, state: nnx.State, mesh: jax.sharding.Mesh, *, rows: int, prompt_len: int,
+                       cfg: SamplingConfig) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+  """The compiled prefill and decode segment of an engine call with `rows` slots at their largest (every slot
+  prefilled at once with `prompt_len`-token prompts; decoding with the cache at the whole allocation), from abstract
+  `state` (see abstract_sampling_params): what `Sampler.generate` runs at its peak, for the dry run."""
+  model_cfg = nnx.eval_shape(lambda: nnx.merge(graphdef, state)).cfg
+  mode = SlotMode(cfg.max_new_tokens, "greedy" if cfg.greedy else "sample", cfg.top_k, cfg.top_p < 1.0, eos_ids=(1,),
+                  pad_id=0)
+  rows_of = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape),
+                                                                                                     rows))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=jax.sharding.NamedSharding(mesh, P()))
+  key, f32, i32 = scalar(jax.eval_shape(lambda: jax.random.key(0)).dtype), scalar(jnp.float32), scalar(jnp.int32)
+  group = dict(tokens=rows_of((rows, prompt_len), jnp.int32), stops=rows_of((rows, 1), jnp.int32),
+               temperature=rows_of((rows,), jnp.float32),
+               **{k: rows_of((rows,), jnp.int32) for k in ("lengths", "slot", "row", "limit")})
+  with jax.set_mesh(mesh):
+    empty = empty_slots.lower(model_cfg, slots=rows, length=prompt_len + cfg.max_new_tokens, mode=mode,
+                              stop_width=1).compile()
+    carry = jax.tree.map(lambda info, target: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=target),
+                         empty.out_info, empty.output_shardings)
+    prefill = prefill_slots.lower(graphdef, state, carry, key, f32, group, mode=mode).compile()
+    decode = decode_segment.lower(graphdef, state, carry, key, f32, i32, i32, mode=mode).compile()
+  return prefill, decode

@@ -101,29 +101,29 @@ def test_a_tiny_models_whole_run_compiles_for_one_v5e_chip_and_fits(tiny_on_v5e)
 @needs_libtpu
 @pytest.mark.slow  # the same fixture
 def test_the_kv_cache_column_is_the_caches_size(tiny_on_v5e):
-  # The shipped base: 4 layers, 2 kv heads of 32, f32; rollouts: 16 x 6 = 96 rows, one call of 128 (the next power
-  # of two) with 160 prompt + 96 new tokens.
+  # The shipped base: 4 layers, 2 kv heads of 32, f32; rollouts: 16 x 6 = 96 rows in 96 slots (no padding to a
+  # power of two) with 160 prompt + 96 new tokens.
   rows = table_rows(tiny_on_v5e)
-  want = 2 * 4 * 2 * 32 * 4 * (160 + 96) * 128 / 2**30
-  assert rows["sampler decode: rollouts"][0] == "128 rows x 160 + 96 tokens"
+  want = 2 * 4 * 2 * 32 * 4 * (160 + 96) * 96 / 2**30
+  assert rows["sampler decode: rollouts"][0] == "96 slots x 160 + 96 tokens"
   assert gib(rows["sampler decode: rollouts"][2]) == pytest.approx(want, abs=0.006)
 
 
 @pytest.mark.slow
 @needs_libtpu
 def test_a_run_that_cannot_fit_names_the_function_and_the_bytes_short():
-  # Evaluating a small set with 4,096 samples per problem: 99 x 4096 rows in one call, a 64 GiB KV cache.
+  # Evaluating a small set with 4,096 samples per problem: 99 x 4096 rows in as many slots, a 50 GiB KV cache.
   proc = dry_run("--config", str(DEMO), "--topology", "v5e-1", "--config.eval.small_set_samples=4096")
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   # The TPU compiler itself refuses the prefill's temporaries; the error names the call and quotes its figures.
-  assert re.match(r"error: does not fit: sampler: evaluation \(524288 rows x 160 \+ 96 tokens\): .*required for HLO "
+  assert re.match(r"error: does not fit: sampler: evaluation \(405504 slots x 160 \+ 96 tokens\): .*required for HLO "
                   r"temporaries \([\d.]+T\) exceeds available HBM \([\d.]+G\)", last), last
-  # With a KV-cache budget of 1 GiB the same evaluation runs in chunks of 2,048 rows (512 KiB of cache each).
+  # With a KV-cache budget of 1 GiB the same evaluation runs in 2,048 slots (512 KiB of cache each).
   proc = dry_run("--config", str(DEMO), "--topology", "v5e-1", "--config.eval.small_set_samples=4096",
                  "--config.rollout.kv_cache_gib=1")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "2048 rows x 160 + 96 tokens (of 405504)" in table_rows(proc.stdout)["sampler decode: evaluation"][0]
+  assert "2048 slots x 160 + 96 tokens (for 405504 rows)" in table_rows(proc.stdout)["sampler decode: evaluation"][0]
 
 
 @pytest.mark.parametrize("args, message", [
