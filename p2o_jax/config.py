@@ -36,6 +36,7 @@ CHOICES = {
     "reward.fallback": FALLBACKS,
     "grpo.advantage": ADVANTAGE_ESTIMATORS,
     "grpo.aggregation": AGGREGATIONS,
+    "grpo.old_logprobs": ("auto", "recompute", "sampler"),
     "grpo.kl_estimator": KL_ESTIMATORS,
     "optim.schedule": SCHEDULES,
     "p2o.distillation": DISTILLATIONS,
@@ -106,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
       # micro-batch's token-mean weighted by its rows (p2o_jax/rl/losses.py says why ours is the default)
       kl_coef=0.0, kl_estimator="k3", aggregation="token-mean",
       ppo_epochs=1, num_minibatches=2, micro_batch_size=8,
+      # old_logprobs, the PPO ratio's denominator: "recompute" in a log-prob pass over the batch before the updates
+      # (the authors' verl); "auto": that pass only when a step makes more than one update (ppo_epochs x
+      # num_minibatches) or P^2O needs templated rows' plain-context log-probs, else the update's own log-probs (ratio
+      # exactly 1: the same gradient, one forward pass less); "sampler": the sampler's own log-probs (the trainer's up
+      # to float rounding when top_p = 1 and top_k = 0, which it requires), recomputed only where P^2O needs them.
+      old_logprobs="auto",
       dynamic_sampling=False, dynamic_sampling_max_batches=3)
   c.optim = dict(lr=1e-6, warmup_ratio=0.05, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999)
   c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
@@ -215,6 +222,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise ConfigError(f"config.reward.functions: {e}") from None
   _one_of(c, "grpo.advantage")
   _one_of(c, "grpo.aggregation")
+  _one_of(c, "grpo.old_logprobs")
+  _require(c.grpo.old_logprobs != "sampler" or (c.rollout.top_p == 1 and c.rollout.top_k == 0), "grpo.old_logprobs",
+           "'sampler' needs rollout.top_p=1 and rollout.top_k=0: the sampler's log-probs are then the policy's")
   _one_of(c, "grpo.kl_estimator")
   _require(c.grpo.dual_clip == 0 or c.grpo.dual_clip > 1, "grpo.dual_clip", f"{c.grpo.dual_clip} must be > 1 (0: off)")
   _one_of(c, "optim.schedule")

@@ -119,6 +119,11 @@ class P2OHooks(TrainerHooks):
       templates[-1] = ""
     return templates
 
+  def needs_old_logprobs(self, rollouts) -> bool:
+    """Templated rows need their plain-context log-probs: the context ratio rho, its statistics, and "importance"
+    distillation's mix of old log-probs."""
+    return bool(rollouts.is_templated().any())
+
   def train_inputs(self, rollouts, packed, old_logp):
     """Context ratio mask (weights), the behaviour old log-probs of "importance" distillation, and with
     p2o.drop_failed_template_rollout the failed templated rows taken out of the loss: their response_mask is cleared in
@@ -134,6 +139,8 @@ class P2OHooks(TrainerHooks):
     templated = rollouts.is_templated()
     behaviour_logp = rollouts.sampler_logp[:, :response_mask.shape[1]]
     metrics = {}
+    if old_logp is None:  # no process holds a templated row (needs_old_logprobs): nothing here applies
+      return old_logp, weights, metrics
     if not self.distillation.train_on_template:
       if self.p.ratio_mask != RATIO_MASK_OFF and templated.any():
         ratio_w = np.asarray(context_ratio_weights(jnp.asarray(old_logp), jnp.asarray(behaviour_logp),

@@ -22,7 +22,7 @@ from p2o_jax.models.decoder import Decoder, cast_floating
 from p2o_jax.rl.logprobs import chunked_logprobs, response_hidden
 from p2o_jax.rl.losses import PolicyLossConfig, aggregate, policy_loss
 
-Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, old_logp, token_weights[, ref_logp]
+Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, token_weights[, old_logp][, ref_logp]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,9 @@ def _micro_loss(params, graphdef, micro: Batch, denominator, cfg: StepConfig):
   hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
   logp, entropy = chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], cfg.temperature,
                                    chunk_size=cfg.logprob_chunk_size)
-  loss_sum, _, metrics = policy_loss(logp, micro["old_logp"], micro["advantages"], micro["response_mask"], cfg.loss,
+  # Without old log-probs (one on-policy update: grpo.old_logprobs "auto") the update's own are the old ones.
+  old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
+  loss_sum, _, metrics = policy_loss(logp, old_logp, micro["advantages"], micro["response_mask"], cfg.loss,
                                      ref_logp_bt=micro.get("ref_logp"), token_weights_bt=micro["token_weights"])
   metrics["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(micro["response_mask"], entropy, 0.0)))
   return loss_sum / denominator, metrics

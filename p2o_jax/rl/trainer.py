@@ -62,11 +62,15 @@ class TrainerHooks:
   def contexts(self, queries: Sequence[Query], user_turns: Sequence[str], group_size: int) -> RowContexts:
     return plain_contexts(user_turns, group_size)
 
-  def train_inputs(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(old log-probs, per-token loss weights, metrics) for the packed train rows. A hook may also clear tokens of
-    `packed["response_mask"]` to take them out of the loss and its token-mean denominator: the train batch is built
-    from `packed` after this call."""
+  def needs_old_logprobs(self, rollouts: Rollouts) -> bool:
+    """Whether train_inputs needs this process's rows' old log-probs recomputed on their train contexts."""
+    return False
+
+  def train_inputs(self, rollouts: Rollouts, packed: dict[str, np.ndarray], old_logp: np.ndarray | None
+                   ) -> tuple[np.ndarray | None, np.ndarray, dict[str, float]]:
+    """(old log-probs, per-token loss weights, metrics) for the packed train rows; old_logp None: not computed (the
+    update uses its own). A hook may also clear tokens of `packed["response_mask"]` to take them out of the loss and
+    its token-mean denominator: the train batch is built from `packed` after this call."""
     return old_logp, np.ones(packed["response_mask"].shape, np.float32), {}
 
   def observe(self, queries: Sequence[Query], rollouts: Rollouts) -> dict[str, float]:
@@ -161,11 +165,15 @@ class Trainer:
     rows = rollouts.num_rows * jax.process_count()  # every process holds the same number of rows
     micro = g.micro_batch_size
     whole = self.layout.to_device(packed, (rows // micro,))
-    old_logp = self.layout.to_host_rows(self.logprobs(self.policy.params, whole), 1)
+    old_logp = self._old_logprobs(rollouts, whole, packed["response_mask"].shape[1])
     old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
-    batch = {**packed, "advantages": advantages.astype(np.float32), "old_logp": old_logp, "token_weights": weights}
+    batch = {**packed, "advantages": advantages.astype(np.float32), "token_weights": weights}
+    if old_logp is not None:
+      batch["old_logp"] = old_logp
     if g.kl_coef > 0:
       batch["ref_logp"] = self.layout.to_host_rows(self.logprobs(self.policy.ref_params, whole), 1)
+    timer.add("logprobs", start)
+    start = time.perf_counter()
     minibatches = self.layout.to_device(batch, (g.num_minibatches, rows // g.num_minibatches // micro))
     sums: dict[str, float] = {}
     params = self.policy.params
@@ -176,12 +184,24 @@ class Trainer:
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + float(distributed.to_host(v))
     self.policy.set_params(params)
-    timer.add("train", start)
+    timer.add("update", start)
     n = g.ppo_epochs * g.num_minibatches
     metrics = {f"train/{k}": v / n for k, v in sums.items() if k != "update_skipped"}
     metrics["train/updates_skipped"] = sums.get("update_skipped", 0.0)
     metrics["train/tokens"] = float(distributed.allgather(np.int32(packed["response_mask"].sum())).sum())
     return {**metrics, **hook_metrics}
+
+  def _old_logprobs(self, rollouts: Rollouts, whole, response_len: int) -> np.ndarray | None:
+    """The old log-probs grpo.old_logprobs asks for (None: the update's own); see config.py. Every process takes the
+    same branch: the log-prob pass is a collective."""
+    g = self.c.grpo
+    hooks_need = bool(distributed.allgather(np.int32(self.hooks.needs_old_logprobs(rollouts))).max())
+    single_update = g.ppo_epochs * g.num_minibatches == 1
+    if g.old_logprobs == "recompute" or hooks_need or (g.old_logprobs == "auto" and not single_update):
+      return self.layout.to_host_rows(self.logprobs(self.policy.params, whole), 1)
+    if g.old_logprobs == "sampler":
+      return np.where(rollouts.mask[:, :response_len], rollouts.sampler_logp[:, :response_len], 0.0).astype(np.float32)
+    return None
 
   def step(self, step: int, queries: Sequence[Query]) -> dict[str, float]:
     timer = _Timer()
@@ -189,11 +209,11 @@ class Trainer:
     truncated_before = self.policy.prompts_truncated
     start = time.perf_counter()
     rollouts = self.rollout(queries, self._seed(step, 0))
-    timer.add("sample", start)
+    timer.add("generate", start)
     if self.c.grpo.dynamic_sampling:
       queries, rollouts = self._dynamic_sampling(step, queries, rollouts, timer)
-    timer.seconds["verify"] = self._verify_seconds  # sampling time above includes verification: split it out
-    timer.seconds["sample"] -= self._verify_seconds
+    timer.seconds["rewards"] = self._verify_seconds  # the rollout time above includes the rewards: split them out
+    timer.seconds["generate"] -= self._verify_seconds
     metrics = _rollout_metrics(rollouts)  # a collective: over the global batch
     # Templated prompts over rollout.max_prompt_len lose their first tokens (as the authors' code does); counted here.
     truncated = np.int32(self.policy.prompts_truncated - truncated_before)
@@ -214,7 +234,7 @@ class Trainer:
       start = time.perf_counter()
       more = self.iterator.next()[2]
       more_rollouts = self.rollout(more, self._seed(step, attempt))
-      timer.add("sample", start)
+      timer.add("generate", start)
       return more, more_rollouts
 
     return refill_flat_groups(queries, rollouts, draw, wanted=self.pipeline.local_batch_size,
@@ -274,7 +294,9 @@ class Trainer:
     metrics = self.hooks.end_epoch(epoch, last=step >= self.total_steps)
     if self.hooks.pending_phase():
       self.save(step)  # the phase can take a while: a kill from here on resumes at it, not at the epoch's start
+      start = time.perf_counter()
       metrics.update(self.hooks.run_phase(self.epoch_env()))
+      metrics["time/gepa_s"] = time.perf_counter() - start
     return metrics
 
   def run(self) -> dict[str, Any]:
