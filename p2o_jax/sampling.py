@@ -72,6 +72,13 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
+def cache_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
+  """The cache lengths a call's state takes: powers of two and 1.5x powers of two from `smallest` (at most a third
+  more than the longest live row needs, two programs per doubling), up to and always including `max_len`."""
+  steps = sorted({b for p in range(32) for b in (smallest << p, 3 * (smallest << p) // 2)})
+  return tuple(b for b in steps if b < max_len) + (max_len,)
+
+
 def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[list[int]], list[int]]:
   """(prompts cut to their last `max_len` tokens, indices of the ones that were longer). verl's truncation='left',
   which the P^2O authors use for templated prompts: the template's head goes, the question and the generation prompt
@@ -180,7 +187,7 @@ class Sampler:
   """
 
   SEGMENT_STEPS = 64  # a segment's view leaves room for at least this many more tokens of the longest live row
-  SMALLEST_VIEW = 128  # the attention-length buckets: powers of two from this up to the allocation
+  SMALLEST_VIEW = 128  # the smallest of the cache_buckets: a call's cache lengths
   REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
@@ -268,15 +275,15 @@ class Sampler:
     self.last_stats = dict(slots=0, prefills=0, segments=0, regroups=0, tokens=0)
     if not len(requests):
       return tokens, logprobs, lengths
-    # A slot holds at most the longest prompt's bucket + the largest row limit.
-    width = int(requests.limits.max())
+    # A slot's cache never outgrows the longest prompt's bucket + max_new_tokens (the allocation, a cap: the cache
+    # itself follows the longest live row).
     prompt_len = round_up_to_bucket(max(map(len, requests.prompts)), self.prompt_buckets)
-    slots = self.slot_count(len(requests), prompt_len + width)
+    slots = self.slot_count(len(requests), prompt_len + m)
     blocks = sharding.batch_divisor(self.mesh)
-    mode = SlotMode(width, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
+    mode = SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
     schedule = SlotSchedule(len(requests), blocks, slots // blocks)
     top_p = jnp.float32(cfg.top_p)
-    lengths_buckets = default_buckets(prompt_len + width, smallest=min(self.SMALLEST_VIEW, prompt_len + width))
+    lengths_buckets = cache_buckets(prompt_len + m, smallest=self.SMALLEST_VIEW)
     cache_len = lambda needed: round_up_to_bucket(min(needed, lengths_buckets[-1]), lengths_buckets)
 
     def collect(carry):
@@ -285,7 +292,7 @@ class Sampler:
         got_tokens, got_logp = (distributed.to_host(x)
                                 for x in slot_outputs(carry, self._slot_index([s for s, _ in finished])))
         for i, (slot, row) in enumerate(finished):
-          tokens[row, :width], logprobs[row, :width] = got_tokens[i], got_logp[i]
+          tokens[row], logprobs[row] = got_tokens[i], got_logp[i]
           lengths[row] = schedule.count[slot]
       return finished
 
