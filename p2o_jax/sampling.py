@@ -72,9 +72,10 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
-def cache_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
-  """The cache lengths a call's state takes: powers of two and 1.5x powers of two from `smallest` (at most a third
-  more than the longest live row needs, two programs per doubling), up to and always including `max_len`."""
+def length_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
+  """Powers of two and 1.5x powers of two from `smallest` up to (and always including) `max_len`: a length rounded up
+  to one is at most a third longer, for two compiled shapes per doubling. The engine's cache lengths, the train rows'
+  prompt and response lengths."""
   steps = sorted({b for p in range(32) for b in (smallest << p, 3 * (smallest << p) // 2)})
   return tuple(b for b in steps if b < max_len) + (max_len,)
 
@@ -187,7 +188,7 @@ class Sampler:
   """
 
   SEGMENT_STEPS = 64  # a segment's view leaves room for at least this many more tokens of the longest live row
-  SMALLEST_VIEW = 128  # the smallest of the cache_buckets: a call's cache lengths
+  SMALLEST_VIEW = 128  # the smallest of the length_buckets: a call's cache lengths
   REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
@@ -283,7 +284,7 @@ class Sampler:
     mode = SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
     schedule = SlotSchedule(len(requests), blocks, slots // blocks)
     top_p = jnp.float32(cfg.top_p)
-    lengths_buckets = cache_buckets(prompt_len + m, smallest=self.SMALLEST_VIEW)
+    lengths_buckets = length_buckets(prompt_len + m, smallest=self.SMALLEST_VIEW)
     cache_len = lambda needed: round_up_to_bucket(min(needed, lengths_buckets[-1]), lengths_buckets)
 
     def collect(carry):

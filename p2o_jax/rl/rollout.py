@@ -16,7 +16,7 @@ import numpy as np
 from p2o_jax.data.records import Query
 from p2o_jax.policy import Policy
 from p2o_jax.rewards.functions import RewardScores, ScoreFn, as_scores
-from p2o_jax.sampling import SamplingConfig, default_buckets, round_up_to_bucket
+from p2o_jax.sampling import SamplingConfig, length_buckets, round_up_to_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +82,12 @@ def collect_rollouts(policy: Policy, contexts: RowContexts, queries: Sequence[Qu
 
 
 def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:
-  """(prompt length P, response length R) of `pack_rows`: the longest of each, rounded up to a power-of-two bucket."""
+  """(prompt length P, response length R) of `pack_rows`: the longest of each, rounded up to a bucket (powers of two
+  and 1.5x powers of two: at most a third of padding, two train-step shapes per doubling)."""
   longest_response = int(mask.sum(axis=1).max()) if mask.size else 1
-  response_len = round_up_to_bucket(max(longest_response, 1), default_buckets(mask.shape[1], smallest=8))
+  response_len = round_up_to_bucket(max(longest_response, 1), length_buckets(mask.shape[1], smallest=8))
   prompt_len = round_up_to_bucket(max((len(p) for p in prompt_ids), default=1),
-                                  default_buckets(max_prompt_len, smallest=8))
+                                  length_buckets(max_prompt_len, smallest=8))
   return prompt_len, response_len
 
 
