@@ -103,12 +103,13 @@ def cache_budget_bytes(c: ml_collections.ConfigDict) -> int:
 
 
 def model_overrides(c: ml_collections.ConfigDict, mesh) -> dict[str, str]:
-  """The config's numeric choices for the model (ModelConfig fields), "auto" attention resolved for the mesh's
-  devices: what the dry run compiles for a TPU topology is what a TPU run executes."""
+  """The config's numeric choices for the model (ModelConfig fields), "auto" attention and the decode's cache write
+  resolved for the mesh's devices: what the dry run compiles for a TPU topology is what a TPU run executes."""
   m = c.model
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-              attention=resolve_attention(m.attention, platform))
+              attention=resolve_attention(m.attention, platform),
+              cache_write="blend" if platform == "tpu" else "scatter")
 
 
 def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, nnx.State]:

@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 
 from p2o_jax.models.hf_checkpoint import load_hf_model
+from p2o_jax.models.decoder import write_rows
 from p2o_jax.sampling import Sampler, SamplingConfig, chunk_rows, kv_cache_bytes_per_row
 from p2o_jax.slot_programs import decode_segment, prefill_slots
 from p2o_jax.token_sampling import filter_logits, first_argmax
@@ -268,3 +269,25 @@ def test_a_sampler_without_its_own_copy_reads_the_params_as_they_are(qwen2):
   assert all(a is b for a, b in zip(jax.tree.leaves(sampler.state), jax.tree.leaves(nnx.split(model)[1])))
   out = sampler.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=3, temperature=0.0))
   assert out.tokens.shape == (2, 3)
+
+
+def test_the_blend_cache_write_equals_the_scatter():
+  """TPU runs write each row's new K/V with a select over the cache (in place there); it must equal the scatter."""
+  rng = np.random.default_rng(0)
+  cache = jnp.asarray(rng.normal(size=(3, 2, 7, 4)), jnp.float32)
+  new, positions = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32), jnp.asarray([0, 6, 3])
+  scattered, blended = (np.asarray(write_rows(cache, new, positions, how)) for how in ("scatter", "blend"))
+  np.testing.assert_array_equal(scattered, blended)
+  expected = np.asarray(cache).copy()
+  expected[np.arange(3), :, np.asarray(positions)] = np.asarray(new)
+  np.testing.assert_array_equal(scattered, expected)
+
+
+def test_greedy_with_the_blend_cache_write_equals_the_scatter(greedy_run, qwen2):
+  _, scattered, _, eos = greedy_run
+  model = nnx.merge(*nnx.split(qwen2[0]))
+  model.cfg = dataclasses.replace(model.cfg, cache_write="blend")
+  blended = Sampler(model, eos_ids=[eos], pad_id=PAD, max_prompt_len=MAX_PROMPT, slots=4).generate(
+      PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0))
+  np.testing.assert_array_equal(blended.tokens, scattered.tokens)
+  np.testing.assert_allclose(blended.logprobs, scattered.logprobs, atol=1e-5)

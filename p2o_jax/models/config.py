@@ -13,6 +13,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")  # see p2o_jax.models.decoder.REMAT_POLICIES
+CACHE_WRITES = ("scatter", "blend")  # see p2o_jax.models.decoder.write_rows
 
 
 class ModelConfigError(ValueError):
@@ -53,6 +54,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"  # what each layer recomputes in the backward pass: REMAT_POLICIES
   attention: str = "plain"  # the implementation: a name in p2o_jax.models.attention.ATTENTIONS
+  # How a decode step writes each row's new K/V at its own position: "scatter" (in place on CPU and GPU) or "blend"
+  # (a select over the cache: in place on TPU, where XLA copies the whole cache for the scatter inside the decode loop)
+  cache_write: str = "scatter"
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -64,6 +68,8 @@ class ModelConfig:
       raise ModelConfigError(f"unsupported rope type {self.rope.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     if self.remat not in REMAT_POLICIES:
       raise ModelConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+    if self.cache_write not in CACHE_WRITES:
+      raise ModelConfigError(f"cache_write={self.cache_write!r}; expected one of {CACHE_WRITES}")
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ModelConfigError(f"{name}={getattr(self, name)!r}; expected one of {tuple(_DTYPES)}")
@@ -99,7 +105,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 
 
 def from_hf_dict(hf: dict[str, Any], **overrides) -> ModelConfig:
-  """Translate a transformers config dict; `overrides` set param_dtype, compute_dtype, remat, attention."""
+  """Translate a transformers config dict; `overrides` set param_dtype, compute_dtype, remat, attention,
+  cache_write."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ModelConfigError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")

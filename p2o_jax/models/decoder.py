@@ -48,10 +48,15 @@ class RMSNorm(nnx.Module):
     return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
 
 
-def write_rows(cache_bksd: jax.Array, new_bkd: jax.Array, positions_b: jax.Array) -> jax.Array:
-  """`cache_bksd` with row i's new_bkd[i] at position positions_b[i] (a scatter: in place in a loop)."""
-  rows = jnp.arange(cache_bksd.shape[0])
-  return cache_bksd.at[rows, :, positions_b].set(new_bkd.astype(cache_bksd.dtype))
+def write_rows(cache_bksd: jax.Array, new_bkd: jax.Array, positions_b: jax.Array, how: str) -> jax.Array:
+  """`cache_bksd` with row i's new_bkd[i] at position positions_b[i]. "scatter" touches only those slots; "blend"
+  selects over the whole cache (every position read and written: it costs what attention's read of the cache costs),
+  which the TPU compiler does in place where it copies the cache for the scatter (a second cache per chip)."""
+  new = new_bkd.astype(cache_bksd.dtype)
+  if how == "blend":
+    at = jnp.arange(cache_bksd.shape[2])[None, None, :, None] == positions_b[:, None, None, None]
+    return jnp.where(at, new[:, :, None, :], cache_bksd)
+  return cache_bksd.at[jnp.arange(cache_bksd.shape[0]), :, positions_b].set(new)
 
 
 class Attention(nnx.Module):
@@ -112,7 +117,8 @@ class Attention(nnx.Module):
     """One new token per row, each at its own cache position: written there, attending over the row's cache up to
     it. The cache is as long as the engine's current view (the longest live row), not the allocation."""
     q, k, v = self._qkv(x_b1e, cos, sin)
-    layer_cache = {name: write_rows(layer_cache[name], new[:, :, 0], positions_b) for name, new in (("k", k), ("v", v))}
+    layer_cache = {name: write_rows(layer_cache[name], new[:, :, 0], positions_b, self.cfg.cache_write)
+                   for name, new in (("k", k), ("v", v))}
     valid = jnp.arange(layer_cache["k"].shape[2])[None, :] <= positions_b[:, None]
     out = decode_attention(q, layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype), valid,
                            scale=self.cfg.head_dim ** -0.5)
