@@ -26,104 +26,17 @@ import numpy as np
 from flax import nnx
 
 from p2o_jax import distributed, sharding
-from p2o_jax.models.decoder import Decoder, cast_floating, init_cache, positions_from_mask
+from p2o_jax.models.decoder import Decoder, init_cache, positions_from_mask
+# What did not change with the engine is shared, so the peer differs from it only where the engine does.
+from p2o_jax.sampling import (SampleOutput, SamplingConfig, chunk_rows, default_buckets, round_up_to_bucket,
+                              sampling_params)
+from p2o_jax import token_sampling
+from p2o_jax.token_sampling import filter_logits, first_argmax
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  max_new_tokens: int = 256
-  temperature: float = 1.0  # 0 = greedy
-  top_p: float = 1.0  # 1 = off
-  top_k: int = 0  # 0 = off
-
-  def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-    if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleOutput:
-  """Rows are prompt-major: the n samples of prompt i are rows i*n .. i*n+n-1."""
-
-  tokens: np.ndarray  # (rows, max_new_tokens) int32, pad_id after the stop
-  mask: np.ndarray  # (rows, max_new_tokens) bool, True on generated tokens (including the EOS that stopped a row)
-  lengths: np.ndarray  # (rows,) int32
-  logprobs: np.ndarray  # (rows, max_new_tokens) float32, 0 where masked
-
-
-def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-  """Powers of two from `smallest` up to (and always including) `max_len`."""
-  buckets = [b for b in (smallest << i for i in range(32)) if b < max_len]
-  return tuple(buckets) + (max_len,)
-
-
-def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[list[int]], list[int]]:
-  """(prompts cut to their last `max_len` tokens, indices of the ones that were longer). verl's truncation='left',
-  which the P^2O authors use for templated prompts: the template's head goes, the question and the generation prompt
-  stay."""
-  return [list(p[-max_len:]) for p in prompts], [i for i, p in enumerate(prompts) if len(p) > max_len]
-
-
-def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
-  return next(b for b in buckets if b >= n)
-
-
-def filter_logits(logits_bv, top_k: int, top_p, use_top_p: bool):
-  """Mask (to -inf) the tokens outside the top-k set and outside the smallest set with probability >= top_p."""
-  if top_k:
-    kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
-    logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
-  if use_top_p:
-    sorted_desc = -jnp.sort(-logits_bv, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # keep until the mass before a token reaches top_p
-    threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits_bv = jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
-  return logits_bv
-
-
-def first_argmax(x_bv):
-  """jnp.argmax over the last axis (the first index of the maximum), as two plain reductions.
-
-  XLA:CPU lowers argmax to one (value, index) reduction that takes ~2.5 ms per decode step over a 32k vocabulary at
-  batch 32; a max, then the smallest index holding it, takes a third of that.
-  """
-  v = x_bv.shape[-1]
-  best = jnp.max(x_bv, axis=-1, keepdims=True)
-  index = jnp.min(jnp.where(x_bv == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-  return jnp.minimum(index, v - 1)  # a NaN row matches nowhere
-
-
-def inverse_cdf_sample(key, probs_bv, block: int = 128):
-  """One draw per row from `probs_bv` (rows sum to ~1) by inverting the CDF with a single uniform per row.
-
-  jax.random.categorical draws a Gumbel variate for every vocabulary entry, which dominates a decode step on CPU for
-  large vocabularies; here the CDF is built two-level (block sums, then one block) so the cumulative sums stay short.
-  """
-  b, v = probs_bv.shape
-  blocks = -(-v // block)
-  p = jnp.pad(probs_bv, ((0, 0), (0, blocks * block - v))).reshape(b, blocks, block)
-  mass = p.sum(axis=-1)
-  cdf = jnp.cumsum(mass, axis=-1)
-  u = jax.random.uniform(key, (b, 1), probs_bv.dtype) * cdf[:, -1:]
-  chosen_block = jnp.minimum(jnp.sum(cdf < u, axis=-1), blocks - 1)
-  inner = jnp.take_along_axis(p, chosen_block[:, None, None], axis=1)[:, 0]
-  before = jnp.take_along_axis(cdf - mass, chosen_block[:, None], axis=1)
-  offset = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) + before < u, axis=-1), block - 1)
-  tokens = jnp.minimum(chosen_block * block + offset, v - 1)
-  # Rounding can land the draw on a zero-probability (filtered or padding) entry: take the mode instead.
-  drawn_p = jnp.take_along_axis(probs_bv, tokens[:, None], axis=-1)[:, 0]
-  return jnp.where(drawn_p > 0, tokens, first_argmax(probs_bv))
+def inverse_cdf_sample(key, probs_bv):
+  """The pre-engine draw: one key for the whole batch."""
+  return token_sampling.inverse_cdf_sample(jax.random.uniform(key, (probs_bv.shape[0],), probs_bv.dtype), probs_bv)
 
 
 def sample_tokens(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
@@ -147,53 +60,6 @@ class _Mode:
   use_top_p: bool
   eos_ids: tuple[int, ...]
   pad_id: int
-
-
-def sampling_params(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype) -> nnx.State:
-  """The weights as the sampler reads them: floating params in `dtype` with `SAMPLING_RULES` shardings. `state`
-  itself when that changes nothing (f32 compute on a mesh without fsdp), so no second copy is kept."""
-  if mesh is None:
-    return state if _same_dtype(state, dtype) else cast_floating(state, dtype)
-  targets = sharding.state_shardings(state, mesh, sharding.SAMPLING_RULES)
-  if _same_dtype(state, dtype) and _same_layout(state, targets):
-    return state
-  return jax.jit(functools.partial(cast_floating, dtype=dtype), out_shardings=targets)(state)
-
-
-def _floating_dtype(current, dtype):
-  return dtype if jnp.issubdtype(current, jnp.floating) else current
-
-
-def _same_dtype(state: nnx.State, dtype) -> bool:
-  return all(v.dtype == _floating_dtype(v.dtype, dtype) for v in jax.tree.leaves(state, is_leaf=_is_variable))
-
-
-def _same_layout(state: nnx.State, targets) -> bool:
-  variables = jax.tree.leaves(state, is_leaf=_is_variable)
-  return all(v.get_value().sharding.is_equivalent_to(t, v.ndim) for v, t in zip(variables, jax.tree.leaves(targets)))
-
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def kv_cache_bytes_per_row(cfg, length: int, mesh: jax.sharding.Mesh | None) -> int:
-  """KV-cache bytes one row of `length` slots takes on one device (kv heads split over "tensor" where they divide)."""
-  tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
-  kv_heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
-  return 2 * cfg.num_layers * kv_heads * length * cfg.head_dim * np.dtype(cfg.dtype).itemsize
-
-
-def chunk_rows(cache_budget_bytes: int, cfg, length: int, mesh: jax.sharding.Mesh | None) -> int | None:
-  """Rows per sampler call whose KV cache fits `cache_budget_bytes` per device (None: no budget, one call)."""
-  if not cache_budget_bytes:
-    return None
-  per_row = kv_cache_bytes_per_row(cfg, length, mesh)
-  rows_per_device = cache_budget_bytes // per_row
-  if rows_per_device < 1:
-    raise ValueError(f"rollout.kv_cache_gib: one row of {length} tokens needs {per_row / 2**30:.2f} GiB of KV cache "
-                     f"per device, more than the budget of {cache_budget_bytes / 2**30:.2f} GiB")
-  return rows_per_device * sharding.batch_divisor(mesh)
 
 
 def call_batch(rows: int, chunk: int, mesh: jax.sharding.Mesh | None) -> int:

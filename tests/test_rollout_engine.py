@@ -1,10 +1,7 @@
 """The continuous-batching sampler (a fixed number of slots, refilled from a queue of rows) against references that
 know nothing of slots: a plain greedy loop over the full model forward (no KV cache), transformers' greedy `generate`
 and teacher-forced log-probs, and the same sampled call run one row at a time (one slot). Also: per-row token limits,
-temperatures and stop ids, the empty queue, and prompts over the engine's limit.
-
-The transformers helpers are copies of test_sampler.py's (importing that module would import the old engine's
-internals it tests)."""
+temperatures and stop ids, the empty queue, and prompts over the engine's limit."""
 
 import dataclasses
 import math
@@ -12,11 +9,10 @@ import math
 import hf_models
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from p2o_jax.models.hf_checkpoint import load_hf_model
 from p2o_jax.sampling import Sampler, SampleOutput, SamplingConfig
+from test_sampler import hf_greedy, pick_eos, reference_logprobs, teacher_forced_logits  # the same references
 
 PAD = 0
 MAX_PROMPT = 32
@@ -33,18 +29,6 @@ SAMPLED_LIMITS = [MAX_NEW, 3, 7, 1, MAX_NEW, 5]
 
 
 # --- references -------------------------------------------------------------------------------------------------------
-
-def hf_greedy(reference, prompts, max_new: int, eos: int | None) -> np.ndarray:
-  """transformers' greedy continuations (rows, max_new), pad after a row's EOS (and after all rows stopped)."""
-  tokens, valid = hf_models.pad_left(prompts, PAD)
-  config = transformers.GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
-                                         pad_token_id=PAD, bos_token_id=None)
-  with torch.no_grad():
-    out = reference.generate(input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                             attention_mask=torch.from_numpy(valid.astype(np.int64)), generation_config=config)
-  new = out[:, tokens.shape[1]:].numpy()
-  return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=PAD)
-
 
 def plain_greedy(model, prompts, max_new: int, eos: int) -> np.ndarray:
   """Greedy decoding the plain way: every step runs the whole model (decoder.forward, no cache) over prompt + tokens so
@@ -66,40 +50,6 @@ def plain_greedy(model, prompts, max_new: int, eos: int) -> np.ndarray:
   return out
 
 
-def teacher_forced_logits(reference, prompts, out: SampleOutput) -> np.ndarray:
-  """(rows, max_new, vocab): transformers' logits predicting each generated token of each row, given all before it."""
-  n = out.tokens.shape[0] // len(prompts)  # rows are prompt-major: row r continues prompt r // n
-  sequences = [prompts[r // n] + out.tokens[r, :out.lengths[r]].tolist() for r in range(out.tokens.shape[0])]
-  tokens, valid = hf_models.pad_left(sequences, PAD)
-  logits = hf_models.hf_logits(reference, tokens, valid)
-  width = tokens.shape[1]
-  result = np.zeros(out.tokens.shape + (logits.shape[-1],), np.float32)
-  for r, length in enumerate(out.lengths):
-    result[r, :length] = logits[r, width - length - 1:width - 1]
-  return result
-
-
-def reference_logprobs(logits: np.ndarray, tokens: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
-  """log_softmax(logits / T) restricted to the top-k logits, at the given tokens (NumPy, float64)."""
-  z = logits.astype(np.float64) / temperature
-  if top_k:
-    kth = -np.sort(-z, axis=-1)[..., top_k - 1:top_k]
-    z = np.where(z >= kth, z, -np.inf)
-  logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
-  return np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-
-
-def pick_eos(continuations: np.ndarray) -> int:
-  """A token that one row emits mid-sequence while another row never emits it: EOS then stops some rows, not all."""
-  n = continuations.shape[1]
-  for token in np.unique(continuations):
-    present = (continuations == token).any(axis=1)
-    first = np.where(present, (continuations == token).argmax(axis=1), n)
-    if token != PAD and ((first >= 1) & (first <= n - 3)).any() and (~present).any():
-      return int(token)
-  raise AssertionError("no token fits as a mid-sequence EOS; change the prompts' seed")
-
-
 def assert_well_formed(out: SampleOutput) -> None:
   """mask is exactly the first `lengths` tokens; pad and log-prob 0 after them."""
   np.testing.assert_array_equal(out.mask, np.arange(out.tokens.shape[1])[None, :] < out.lengths[:, None])
@@ -111,7 +61,7 @@ def assert_well_formed(out: SampleOutput) -> None:
 @dataclasses.dataclass
 class Case:
   model: object
-  reference: transformers.PreTrainedModel
+  reference: object  # the transformers model
   eos: int
   sampler: Sampler  # SLOTS slots, eos_ids=[eos]
   greedy: SampleOutput  # the sampler's greedy output on PROMPTS
