@@ -277,8 +277,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{trl_version} GRPOTrainer (torch threads: {threads}); median of {repeats}; tok/s = response tokens per s")
   print(f"{machine_note()}; wall time {time.perf_counter() - start:.0f} s\n")
   print(markdown_table(headers, rows))
-  print("\nratio = ours tok/s / TRL tok/s, checked against the target. Split (median s): sample = prompts to"
-        " completions, verify = rewards, train = the rest of the step (ours: advantages, the old log-prob pass and"
-        " the jitted update; TRL: forward, backward and AdamW, and its loop's bookkeeping)")
+  print("\nratio = ours tok/s / TRL tok/s, checked against the target. Split (median s): ours from the step's"
+        " time/* metrics (generate, rewards, logprobs = packing and any log-prob pass, update = the jitted updates);"
+        " TRL: sample = its _prepare_inputs without the rewards, verify = rewards, train = the rest (forward, backward,"
+        " AdamW and its loop's bookkeeping)")
 
 
