@@ -1,11 +1,12 @@
 """Autoregressive sampling: `Sampler`, a continuous-batching engine inside our own jitted JAX programs.
 
 A call's rows wait in a queue and run in a fixed number of slots (as many as the KV-cache budget `cache_budget_bytes`
-per device holds, or `slots`); a finished row's slot takes the next waiting row at once. Decode runs in segments
-(`slot_programs.decode_segment`) that attend over the cache up to the longest live row, rounded up to a power of two,
-and over the slots that hold live rows, so a step's cost follows the live work, not the allocation or the longest row
-of the call. Each row may have its own token limit, temperature and stop tokens, and draws its tokens from (seed, its
-row index, the token index): the same seed gives the same tokens whatever slot it lands in.
+per device holds, at most `slots`); a finished row's slot takes the next waiting row at once. Decode runs in segments
+(`slot_programs.decode_segment`); between them the state is resized so that its cache is as long as the longest live
+row needs and, once nothing waits, it holds only the live rows: a step's cost follows the live work, not the
+allocation or the longest row of the call. Each row may have its own token limit, temperature and stop tokens, and
+draws its tokens from (seed, its row index, the token index): the same seed gives the same tokens whatever slot it
+lands in.
 The sampler reads its own copy of the weights (`sampling_params`): in the compute dtype, whole on every data/fsdp
 device, so no decode step gathers full-precision shards. Params are passed as arguments (NNX graphdef/state split), so
 the trainer can swap in new weights without recompiling; the slots' state is donated from program to program.
@@ -181,14 +182,14 @@ class Sampler:
   slots (see slot_programs and slot_schedule), optionally sharded over a mesh.
 
   One `generate` call: every row (prompt x n) waits in a queue; free slots take rows in groups (one prefill each);
-  decode segments run until rows finish; their slots take the next rows; when the queue is empty the live rows are
-  packed to the front and each segment's view shrinks with them. A segment attends over the cache positions up to the
-  longest live row (rounded up to a power-of-two bucket), not the whole allocation. Each row may have its own token
-  limit, temperature and stop tokens. The same seed gives the same tokens whatever slot a row lands in.
+  decode segments run until rows finish; their slots take the next rows. Between segments the cache is resized to the
+  longest live row (length_buckets, at least SEGMENT_STEPS ahead), and once the queue is empty the live rows are
+  packed and idle slots dropped. Each row may have its own token limit, temperature and stop tokens. The same seed
+  gives the same tokens whatever slot a row lands in.
   """
 
-  SEGMENT_STEPS = 64  # a segment's view leaves room for at least this many more tokens of the longest live row
-  SMALLEST_VIEW = 128  # the smallest of the length_buckets: a call's cache lengths
+  SEGMENT_STEPS = 64  # the cache leaves room for at least this many more tokens of the longest live row
+  SMALLEST_VIEW = 128  # the shortest cache: the smallest of a call's length_buckets
   REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
@@ -269,60 +270,52 @@ class Sampler:
     return merged, slice(before, before + len(requests))
 
   def _run(self, requests: RowRequests, cfg: SamplingConfig, key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = cfg.max_new_tokens
-    tokens = np.full((len(requests), m), self.pad_id, np.int32)
-    logprobs = np.zeros((len(requests), m), np.float32)
-    lengths = np.zeros(len(requests), np.int32)
     self.last_stats = dict(slots=0, prefills=0, segments=0, regroups=0, tokens=0)
-    if not len(requests):
-      return tokens, logprobs, lengths
-    # A slot's cache never outgrows the longest prompt's bucket + max_new_tokens (the allocation, a cap: the cache
-    # itself follows the longest live row).
-    prompt_len = round_up_to_bucket(max(map(len, requests.prompts)), self.prompt_buckets)
-    slots = self.slot_count(len(requests), prompt_len + m)
-    blocks = sharding.batch_divisor(self.mesh)
-    mode = SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, self.eos_ids, self.pad_id)
-    schedule = SlotSchedule(len(requests), blocks, slots // blocks)
-    top_p = jnp.float32(cfg.top_p)
-    lengths_buckets = length_buckets(prompt_len + m, smallest=self.SMALLEST_VIEW)
-    cache_len = lambda needed: round_up_to_bucket(min(needed, lengths_buckets[-1]), lengths_buckets)
+    call = _Call.start(self, requests, cfg, key)
+    if len(requests):
+      with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        self._decode_all(call)
+    self.last_stats["tokens"] = int(call.lengths.sum())
+    return call.tokens, call.logprobs, call.lengths
 
-    def collect(carry):
-      finished = schedule.update(distributed.to_host(slot_status(carry)))
-      if finished:
-        got_tokens, got_logp = (distributed.to_host(x)
-                                for x in slot_outputs(carry, self._slot_index([s for s, _ in finished])))
-        for i, (slot, row) in enumerate(finished):
-          tokens[row], logprobs[row] = got_tokens[i], got_logp[i]
-          lengths[row] = schedule.count[slot]
-      return finished
+  def _decode_all(self, call: _Call) -> None:
+    """Fill free slots, decode a segment, collect finished rows; until the queue is empty and every slot idle."""
+    schedule = call.schedule
+    length = call.cache_len(call.prompt_len + self.SEGMENT_STEPS)
+    carry = empty_slots(self.cfg, slots=call.slots, length=length, mode=call.mode,
+                        stop_width=call.requests.stop_width())
+    self.last_stats["slots"] = call.slots
+    while not schedule.idle():
+      placed = schedule.place()
+      if placed:
+        group = self._prefill_group(placed, call.requests, schedule.blocks * schedule.per_block)
+        if group["tokens"].shape[1] > length:
+          length = call.cache_len(group["tokens"].shape[1] + self.SEGMENT_STEPS)
+          carry = self._regroup(carry, schedule, schedule.per_block, length)
+        carry = prefill_slots(self.graphdef, self.state, carry, call.key, call.top_p, group, mode=call.mode)
+        self.last_stats["prefills"] += 1
+        self._collect(carry, call)
+        continue  # rows that stopped at their first token free their slots at once
+      per_block = schedule.per_block
+      if not schedule.queue:  # nothing waits: keep only the slots the live rows need
+        per_block = round_up_to_bucket(schedule.packed_rows(), default_buckets(schedule.per_block, smallest=1))
+      needed = call.cache_len(schedule.longest_live() + self.SEGMENT_STEPS)
+      if per_block < schedule.per_block or needed > length or 2 * needed <= length:
+        length = needed
+        carry = self._regroup(carry, schedule, per_block, length)
+      carry = self._segment(carry, call, length)
+      self._collect(carry, call)
 
-    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      length = cache_len(prompt_len + self.SEGMENT_STEPS)
-      carry = empty_slots(self.cfg, slots=slots, length=length, mode=mode, stop_width=requests.stop_width())
-      self.last_stats["slots"] = slots
-      while not schedule.idle():
-        placed = schedule.place()
-        if placed:
-          group = self._prefill_group(placed, requests, schedule.blocks * schedule.per_block)
-          if group["tokens"].shape[1] > length:
-            length = cache_len(group["tokens"].shape[1] + self.SEGMENT_STEPS)
-            carry = self._regroup(carry, schedule, schedule.per_block, length)
-          carry = prefill_slots(self.graphdef, self.state, carry, key, top_p, group, mode=mode)
-          self.last_stats["prefills"] += 1
-          collect(carry)
-          continue  # rows that stopped at their first token free their slots at once
-        per_block = schedule.per_block
-        if not schedule.queue:  # nothing waits: keep only the slots the live rows need
-          per_block = round_up_to_bucket(schedule.packed_rows(), default_buckets(schedule.per_block, smallest=1))
-        needed = cache_len(schedule.longest_live() + self.SEGMENT_STEPS)
-        if per_block < schedule.per_block or needed > length or 2 * needed <= length:
-          length = needed
-          carry = self._regroup(carry, schedule, per_block, length)
-        carry = self._segment(carry, schedule, key, top_p, mode, length)
-        collect(carry)
-    self.last_stats["tokens"] = int(lengths.sum())
-    return tokens, logprobs, lengths
+  def _collect(self, carry, call: _Call) -> None:
+    """Read the slots' status; copy the rows that finished into the call's outputs and free their slots."""
+    finished = call.schedule.update(distributed.to_host(slot_status(carry)))
+    if not finished:
+      return
+    slots = self._slot_index([slot for slot, _ in finished])
+    got_tokens, got_logp = (distributed.to_host(x) for x in slot_outputs(carry, slots))
+    for i, (slot, row) in enumerate(finished):
+      call.tokens[row], call.logprobs[row] = got_tokens[i], got_logp[i]
+      call.lengths[row] = call.schedule.count[slot]
 
   def _regroup(self, carry, schedule: SlotSchedule, per_block: int, length: int) -> dict:
     """The state with `per_block` slots per block (live rows first) and a cache of `length` positions."""
@@ -369,9 +362,10 @@ class Sampler:
       return jnp.asarray(x)
     return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, len(x)))
 
-  def _segment(self, carry, schedule: SlotSchedule, key, top_p, mode: SlotMode, length: int):
+  def _segment(self, carry, call: _Call, length: int):
     """One decode segment. It ends when the cache is full, when enough slots free up to refill, or (nothing waiting)
     when half the slots are idle, so the state can shrink."""
+    schedule = call.schedule
     slots = schedule.blocks * schedule.per_block
     live = int(schedule.live().sum())
     if schedule.queue:
@@ -379,8 +373,44 @@ class Sampler:
     else:
       wanted = live if schedule.per_block == 1 else max(1, live - slots // 2)
     self.last_stats["segments"] += 1
-    return decode_segment(self.graphdef, self.state, carry, key, top_p, jnp.int32(length - schedule.longest_live()),
-                          jnp.int32(slots - live + min(wanted, live)), mode=mode)
+    return decode_segment(self.graphdef, self.state, carry, call.key, call.top_p,
+                          jnp.int32(length - schedule.longest_live()), jnp.int32(slots - live + min(wanted, live)),
+                          mode=call.mode)
+
+
+@dataclasses.dataclass
+class _Call:
+  """One generate call's fixed choices, its schedule and its outputs (filled as rows finish)."""
+
+  requests: RowRequests
+  mode: SlotMode
+  schedule: SlotSchedule
+  slots: int
+  prompt_len: int  # the longest prompt's bucket
+  buckets: tuple[int, ...]  # the cache lengths the state takes: length_buckets up to prompt_len + max_new_tokens
+  key: jax.Array
+  top_p: jax.Array
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  lengths: np.ndarray
+
+  @classmethod
+  def start(cls, sampler: Sampler, requests: RowRequests, cfg: SamplingConfig, key) -> _Call:
+    m, rows = cfg.max_new_tokens, len(requests)
+    prompt_len = round_up_to_bucket(max(map(len, requests.prompts), default=1), sampler.prompt_buckets)
+    # The allocation (prompt bucket + max_new_tokens) only caps the cache: its length follows the longest live row.
+    slots = sampler.slot_count(max(rows, 1), prompt_len + m)
+    blocks = sharding.batch_divisor(sampler.mesh)
+    return cls(requests=requests,
+               mode=SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, sampler.eos_ids, sampler.pad_id),
+               schedule=SlotSchedule(rows, blocks, slots // blocks), slots=slots, prompt_len=prompt_len,
+               buckets=length_buckets(prompt_len + m, smallest=sampler.SMALLEST_VIEW), key=key,
+               top_p=jnp.float32(cfg.top_p), tokens=np.full((rows, m), sampler.pad_id, np.int32),
+               logprobs=np.zeros((rows, m), np.float32), lengths=np.zeros(rows, np.int32))
+
+  def cache_len(self, needed: int) -> int:
+    """The cache length for `needed` positions: its bucket, at most the allocation."""
+    return round_up_to_bucket(min(needed, self.buckets[-1]), self.buckets)
 
 
 def _output(tokens: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray) -> SampleOutput:
