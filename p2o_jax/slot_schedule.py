@@ -1,5 +1,5 @@
 """Host bookkeeping of one engine call (`sampling.Sampler.generate`): the rows waiting, which row each slot holds,
-which slots to fill next, and how to pack live rows so the next decode segment's view can shrink. Plain Python.
+which slots to fill next, and how to pack live rows so the device state can shrink with them. Plain Python.
 
 Slots are `blocks` blocks of `per_block` (one block per batch device); slot d * per_block + j is row j of block d. New
 rows take the free slots with the lowest in-block index first, round-robin over blocks, so rows stay balanced over
@@ -54,6 +54,7 @@ class RowRequests:
 
 
 class SlotSchedule:
+  """The queue of waiting rows and, per slot, the row it holds and the device's last (done, pos, count) for it."""
 
   def __init__(self, rows: int, blocks: int, per_block: int):
     self.blocks, self.per_block = blocks, per_block
