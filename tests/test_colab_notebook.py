@@ -101,7 +101,11 @@ def test_smoke_run_trains_the_configured_steps_and_writes_the_report(smoke_run):
   for name in ("easy", "hard"):
     assert {r["step"] for r in records if f"eval/{name}/accuracy" in r} >= {0, SMOKE_STEPS}
   # METHOD="p2o" reached the config: the 8 training queries end an epoch after 2 steps and GEPA searched.
-  assert any("p2o/gepa_seconds" in r for r in records)
+  assert any("p2o/gepa_seconds" in r and r["time/gepa_s"] >= r["p2o/gepa_seconds"] for r in records)
+  # Every step's time split: what each phase took, adding up to the step.
+  for r in (r for r in records if "rollout/reward_mean" in r):
+    parts = [r[f"time/{k}_s"] for k in ("generate", "rewards", "logprobs", "update")]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(r["time/step_s"])
   report = (workdir / "report.md").read_text()
   assert "| easy |" in report and "| hard |" in report
   assert (workdir / "export" / "final" / "config.json").is_file()
