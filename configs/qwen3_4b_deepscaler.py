@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.sets = "dev=/mnt/data/deepscaler/dev_500.jsonl"
   c.eval.every_steps = 30  # the authors' in-training validation interval
   c.rollout.max_prompt_len, c.rollout.max_new_tokens = 4096, 12288  # the authors' prompt limit
-  c.rollout.kv_cache_gib = 8.0  # per chip: rollouts run in chunks of rows whose cache fits (the dry run checks it)
+  c.rollout.kv_cache_gib = 8.0  # per chip: rollouts decode in as many slots as this holds (the dry run checks it)
   c.rollout.num_samples, c.rollout.temperature = 6, 0.6
   c.train.batch_size, c.train.epochs, c.train.checkpoint_every, c.train.export_dtype = 128, 10, 10, "bfloat16"
   c.grpo.num_minibatches, c.grpo.micro_batch_size = 2, 16
