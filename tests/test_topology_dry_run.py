@@ -120,7 +120,7 @@ def test_a_run_that_cannot_fit_names_the_function_and_the_bytes_short():
   last = proc.stderr.strip().splitlines()[-1]
   # The TPU compiler itself refuses the prefill's temporaries; the error names the call and quotes its figures.
   assert re.match(r"error: does not fit: sampler: evaluation \(405504 slots x 160 \+ 96 tokens\): .*required for HLO "
-                  r"temporaries \([\d.]+T\) exceeds available HBM \([\d.]+G\)", last), last
+                  r"temporaries \([\d.]+[GT]\) exceeds available HBM \([\d.]+G\)", last), last
   # With a KV-cache budget of 1 GiB the same evaluation runs in 2,048 slots (512 KiB of cache each).
   proc = dry_run("--config", str(DEMO), "--topology", "v5e-1", "--config.eval.small_set_samples=4096",
                  "--config.rollout.kv_cache_gib=1")
