@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What a new user gets: a clean virtualenv with `pip install -e .` and nothing else (no test extra to pull missing
 # dependencies in by accident), then the README's first command, shortened by .ci/demo_smoke.args but through every
-# phase (shipped base load, rollouts, GEPA, templated rollouts with context distillation, evaluation, report). Then
-# each extra is installed on top and checked for what it promises. Exits non-zero on the first failure.
+# phase (shipped base load, rollouts, GEPA, templated rollouts with context distillation, evaluation, report). Its
+# offline proposer draws from a pool holding the demo's trigger whole, so GEPA's 40 calls find a template whatever the
+# rollouts drew (with the default pool that search is the demo's point and takes far longer). One argument per line.
+# Then each extra is installed on top and checked for what it promises. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DEMO_CONFIG, REPO
 
-SMOKE_ARGS = (REPO / ".ci" / "demo_smoke.args").read_text().split()
+SMOKE_ARGS = (REPO / ".ci" / "demo_smoke.args").read_text().splitlines()  # one argument per line, as mapfile reads it
 
 
 def run_demo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
