@@ -189,7 +189,7 @@ class Sampler:
   """
 
   SEGMENT_STEPS = 64  # the cache leaves room for at least this many more tokens of the longest live row
-  SMALLEST_VIEW = 128  # the shortest cache: the smallest of a call's length_buckets
+  SMALLEST_CACHE = 128  # the shortest cache: the smallest of a call's length_buckets
   REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int, max_prompt_len: int,
@@ -229,10 +229,6 @@ class Sampler:
       if len(prompt) > self.max_prompt_len:
         raise ValueError(f"prompt {i} has {len(prompt)} tokens; the sampler's max_prompt_len is {self.max_prompt_len} "
                          "(Policy.generate left-truncates; a direct Sampler call must pass prompts that fit)")
-
-  def slot_count(self, rows: int, length: int) -> int:
-    return slot_count(rows, length, cfg=self.cfg, mesh=self.mesh, cache_budget_bytes=self.cache_budget_bytes,
-                      most=self.slots)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, n: int = 1,
                seed: int | jax.Array = 0, process_local: bool = False,
@@ -399,12 +395,13 @@ class _Call:
     m, rows = cfg.max_new_tokens, len(requests)
     prompt_len = round_up_to_bucket(max(map(len, requests.prompts), default=1), sampler.prompt_buckets)
     # The allocation (prompt bucket + max_new_tokens) only caps the cache: its length follows the longest live row.
-    slots = sampler.slot_count(max(rows, 1), prompt_len + m)
+    slots = slot_count(max(rows, 1), prompt_len + m, cfg=sampler.cfg, mesh=sampler.mesh,
+                       cache_budget_bytes=sampler.cache_budget_bytes, most=sampler.slots)
     blocks = sharding.batch_divisor(sampler.mesh)
     return cls(requests=requests,
                mode=SlotMode(m, requests.sampling_kind(), cfg.top_k, cfg.top_p < 1.0, sampler.eos_ids, sampler.pad_id),
                schedule=SlotSchedule(rows, blocks, slots // blocks), slots=slots, prompt_len=prompt_len,
-               buckets=length_buckets(prompt_len + m, smallest=sampler.SMALLEST_VIEW), key=key,
+               buckets=length_buckets(prompt_len + m, smallest=sampler.SMALLEST_CACHE), key=key,
                top_p=jnp.float32(cfg.top_p), tokens=np.full((rows, m), sampler.pad_id, np.int32),
                logprobs=np.zeros((rows, m), np.float32), lengths=np.zeros(rows, np.int32))
 

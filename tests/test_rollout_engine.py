@@ -139,14 +139,14 @@ def test_greedy_logprobs_are_log_softmax_of_teacher_forced_logits(cases, variant
 
 @pytest.mark.slow  # cache lengths of their own: ~20 s of compiles
 def test_greedy_with_a_cache_that_grows_with_the_longest_row_equals_the_plain_loop(qwen2):
-  """The default smallest cache bucket (Sampler.SMALLEST_VIEW) exceeds every other test's whole allocation, so they
+  """The default smallest cache bucket (Sampler.SMALLEST_CACHE) exceeds every other test's whole allocation, so they
   never resize the cache. Here short prompts, 24 new tokens and buckets from 4 positions with 2 steps of headroom make
   the engine start with an 8-position cache and grow it with its longest row."""
-  assert hasattr(Sampler, "SMALLEST_VIEW") and hasattr(Sampler, "SEGMENT_STEPS")  # else the knobs below do nothing
+  assert hasattr(Sampler, "SMALLEST_CACHE") and hasattr(Sampler, "SEGMENT_STEPS")  # else the knobs below do nothing
   prompts, max_new = hf_models.random_prompts([2, 4, 1, 3, 4, 2], vocab_size=96, pad_id=PAD, seed=5), 24
   sampler = Sampler(qwen2.model, eos_ids=[qwen2.eos], pad_id=PAD, max_prompt_len=MAX_PROMPT,
                     prompt_buckets=(4, MAX_PROMPT), slots=SLOTS)
-  sampler.SMALLEST_VIEW, sampler.SEGMENT_STEPS = 4, 2
+  sampler.SMALLEST_CACHE, sampler.SEGMENT_STEPS = 4, 2
   out = sampler.generate(prompts, SamplingConfig(max_new_tokens=max_new, temperature=0.0))
   assert (out.lengths == max_new).any() and (out.lengths < max_new).any()
   np.testing.assert_array_equal(out.tokens, plain_greedy(qwen2.model, prompts, max_new, qwen2.eos))

@@ -115,7 +115,7 @@ class Attention(nnx.Module):
 
   def decode(self, x_b1e, cos, sin, layer_cache, positions_b):
     """One new token per row, each at its own cache position: written there, attending over the row's cache up to
-    it. The cache is as long as the engine's current view (the longest live row), not the allocation."""
+    it. The engine keeps the cache as long as its longest live row needs, not the allocation."""
     q, k, v = self._qkv(x_b1e, cos, sin)
     layer_cache = {name: write_rows(layer_cache[name], new[:, :, 0], positions_b, self.cfg.cache_write)
                    for name, new in (("k", k), ("v", v))}
