@@ -4,12 +4,14 @@
 
 For every size, transformers writes one random Qwen2 checkpoint and both sides load it. Both take the same random
 mini-batch (left-padded prompts, right-padded responses, GRPO advantages, noisy old log-probs, a 0/1 context ratio
-mask), split into the same micro-batches, and do the same step: response-token log-probs under logits / T, PPO-clip
+mask), split into the same micro-batches (torch pads them, as transformers and TRL do; ours packs each micro-batch
+without padding, as our trainer does: rl/sequence_packing.py), and do the same step: response-token log-probs under logits / T, PPO-clip
 with dual clip, token-mean over the whole mini-batch, gradients accumulated over micro-batches, global-norm clipping
 at 1.0, one AdamW update; the (gradient-free) token entropy metric is computed on both sides too. Before timing, the
 first step of each side runs on the same initial params and the two losses and gradient norms are printed side by side.
 
-Throughput is (prompt + response) token positions per second: rows * (P + R) / step time, median over interleaved
+Throughput is padded (prompt + response) token positions per second, the same count for both: rows * (P + R) / step
+time, so ours is credited with the padding it no longer computes; median over interleaved
 repeats (ours compiled beforehand; torch warmed up by that first step). MFU divides model FLOPs per step by the step
 time and by this CPU's float32 matmul peak, measured in the same run. On a busy machine, run with OMP_WAIT_POLICY=PASSIVE
 (see benchmarks.common.machine_note).
@@ -94,8 +96,17 @@ def with_old_logprobs(rows: Batch, current_logp: np.ndarray, seed: int = 1) -> B
 
 
 def as_micro_batches(rows: Batch, work: Workload) -> Batch:
-  """(rows, ...) -> (micro_batches, micro_batch_size, ...), the layout the trainer hands the train step."""
-  return {k: v.reshape(work.micro_batches, work.micro_batch_size, *v.shape[1:]) for k, v in rows.items()}
+  """(rows, ...) -> (micro_batches, micro_batch_size, ...), the layout the trainer hands the train step: the padded
+  rows packed without their padding (p2o_jax/rl/sequence_packing.py, "sequences": the prompts here are not shared)."""
+  from p2o_jax.rl.sequence_packing import pack_sequences, packed_shape
+
+  p = work.prompt_len
+  prompts = [t[:p][v[:p]].tolist() for t, v in zip(rows["tokens"], rows["valid"])]
+  responses, mask = rows["tokens"][:, p:], rows["response_mask"]
+  shape = packed_shape(prompts, mask, work.micro_batch_size, p + work.response_len, "sequences", attention_span=1e9)
+  batch = {**pack_sequences(prompts, responses, mask, 0, work.micro_batch_size, shape, "sequences"),
+           **{k: v for k, v in rows.items() if k not in ("tokens", "valid", "response_mask")}}
+  return {k: v.reshape(work.micro_batches, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 # ---- ours -------------------------------------------------------------------------------------------------------------

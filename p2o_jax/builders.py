@@ -25,6 +25,7 @@ from p2o_jax.rewards.pool import VerifierPool
 from p2o_jax.rl.batch_layout import BatchLayout
 from p2o_jax.rl.losses import PolicyLossConfig
 from p2o_jax.rl.optimizer import make_optimizer
+from p2o_jax.rl.sequence_packing import Packer, attention_span, resolve_packing
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 from p2o_jax.sft import SFTConfig
 
@@ -153,6 +154,15 @@ def build_train_step(c: ml_collections.ConfigDict, graphdef, optimizer: optax.Gr
 def build_logprob_fn(c: ml_collections.ConfigDict, graphdef, mesh):
   """The jitted log-prob pass, run under `mesh`."""
   return sharding.UnderMesh(make_logprob_fn(graphdef, logprob_temperature(c)), mesh)
+
+
+def build_packer(c: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, pad_id: int) -> Packer:
+  """The train rows' packing (grpo.packing resolved for the model's attention), one cell per micro-batch and batch
+  device."""
+  r = c.rollout
+  return Packer(resolve_packing(c.grpo.packing, model_cfg.attention),
+                rows_per_cell=c.grpo.micro_batch_size // sharding.batch_divisor(mesh),
+                max_len=r.max_prompt_len + r.max_new_tokens, attention_span=attention_span(model_cfg), pad_id=pad_id)
 
 
 def build_batch_layout(mesh) -> BatchLayout:

@@ -21,6 +21,7 @@ from p2o_jax.rl.advantages import ADVANTAGE_ESTIMATORS
 from p2o_jax.rewards.functions import RewardFunctionError, resolve
 from p2o_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS
 from p2o_jax.rl.optimizer import SCHEDULES
+from p2o_jax.rl.sequence_packing import PACKING_CHOICES
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -37,6 +38,7 @@ CHOICES = {
     "grpo.advantage": ADVANTAGE_ESTIMATORS,
     "grpo.aggregation": AGGREGATIONS,
     "grpo.old_logprobs": ("auto", "recompute", "sampler"),
+    "grpo.packing": PACKING_CHOICES,
     "grpo.kl_estimator": KL_ESTIMATORS,
     "optim.schedule": SCHEDULES,
     "p2o.distillation": DISTILLATIONS,
@@ -113,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
       # exactly 1: the same gradient, one forward pass less); "sampler": the sampler's own log-probs (the trainer's up
       # to float rounding when top_p = 1 and top_k = 0, which it requires), recomputed only where P^2O needs them.
       old_logprobs="auto",
+      # packing, the train rows' layout (p2o_jax/rl/sequence_packing.py; the same log-probs and gradients in every
+      # one): "rows" one sequence per row, padded; "sequences" packed side by side without padding; "shared_prompts"
+      # also a query's K rows behind one copy of its prompt; "auto": shared_prompts with the XLA attentions (CPU),
+      # sequences with splash (TPU), rows with cuDNN (GPU, whose kernel takes only a row's validity).
+      packing="auto",
       dynamic_sampling=False, dynamic_sampling_max_batches=3)
   c.optim = dict(lr=1e-6, warmup_ratio=0.05, schedule="constant", weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999)
   c.train = dict(batch_size=128, epochs=10, max_steps=0,  # 0: epochs x steps per epoch
@@ -223,6 +230,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, "grpo.advantage")
   _one_of(c, "grpo.aggregation")
   _one_of(c, "grpo.old_logprobs")
+  _one_of(c, "grpo.packing")
   _require(c.grpo.old_logprobs != "sampler" or (c.rollout.top_p == 1 and c.rollout.top_k == 0), "grpo.old_logprobs",
            "'sampler' needs rollout.top_p=1 and rollout.top_k=0: the sampler's log-probs are then the policy's")
   _one_of(c, "grpo.kl_estimator")

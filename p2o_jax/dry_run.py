@@ -35,6 +35,7 @@ from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
 from p2o_jax.memory_report import DoesNotFit, MemoryReport, bytes_per_device, measure
 from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS
 from p2o_jax.tpu_topology import Topology, TopologyError, parse_topology
+from p2o_jax.rl.sequence_packing import resolve_packing
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -142,12 +143,13 @@ class AbstractSteps:
     graphdef, params = builders.abstract_params(model_cfg, mesh)
     optimizer = builders.build_optimizer(c, planned_train_steps(c))
     layout = builders.build_batch_layout(mesh)
+    packing = resolve_packing(c.grpo.packing, model_cfg.attention)
     return cls(model_cfg=model_cfg, graphdef=graphdef,
                train_step=builders.build_train_step(c, graphdef, optimizer, mesh),
                logprobs=builders.build_logprob_fn(c, graphdef, mesh), params=params,
                opt_state=_abstract_opt_state(optimizer, params, mesh),
-               minibatch=layout.abstract(batch_shapes(c, train_step=True), num_leading=1),
-               whole=layout.abstract(batch_shapes(c, train_step=False), num_leading=1))
+               minibatch=layout.abstract(batch_shapes(c, packing, train_step=True), num_leading=1),
+               whole=layout.abstract(batch_shapes(c, packing, train_step=False), num_leading=1))
 
   def lower(self) -> tuple[Any, Any]:
     """(lowered train step, lowered log-prob fn), under the mesh as in the trainer."""
@@ -192,8 +194,10 @@ def _abstract_opt_state(optimizer, params: nnx.State, mesh: Mesh):
                       sharding.optimizer_state_shardings(optimizer, params, mesh))
 
 
-def batch_shapes(c: ml_collections.ConfigDict, *, train_step: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """The largest packed batch a step can produce (prompt bucket max_prompt_len, response bucket max_new_tokens).
+def batch_shapes(c: ml_collections.ConfigDict, packing: str, *, train_step: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """The largest packed batch a step can produce (rl/sequence_packing.py): every sequence alone in its packed row
+  (max_prompt_len + max_new_tokens tokens), so as many packed rows as response rows; response bucket max_new_tokens.
+  `packing` (resolved, one of sequence_packing.PACKINGS) sets the segments' shape and dtype.
 
   train_step: one optimizer step's mini-batch, (micro_batches, micro_batch_size, ...); otherwise all rows of a step
   as the log-prob pass sees them, (rows / micro_batch_size, micro_batch_size, ...).
@@ -203,7 +207,10 @@ def batch_shapes(c: ml_collections.ConfigDict, *, train_step: bool) -> dict[str,
   micro = g.micro_batch_size
   lead = (rows // g.num_minibatches // micro if train_step else rows // micro, micro)
   seq, resp = r.max_prompt_len + r.max_new_tokens, r.max_new_tokens
-  fields = {"tokens": ((seq,), jnp.int32), "valid": ((seq,), jnp.bool_), "response_mask": ((resp,), jnp.bool_)}
+  segments = {"rows": ((seq,), jnp.bool_), "sequences": ((seq,), jnp.int32), "shared_prompts": ((seq, 2), jnp.int32)}
+  fields = {"tokens": ((seq,), jnp.int32), "positions": ((seq,), jnp.int32), "segments": segments[packing],
+            "predictor": ((resp,), jnp.int32), "response_tokens": ((resp,), jnp.int32),
+            "response_mask": ((resp,), jnp.bool_)}
   if train_step:
     fields.update(advantages=((), jnp.float32), old_logp=((resp,), jnp.float32),
                   token_weights=((resp,), jnp.float32))

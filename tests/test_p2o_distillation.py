@@ -17,7 +17,8 @@ from p2o_jax.models.tokenizer import chat_prompt_ids
 from p2o_jax.p2o.hooks import P2OHooks
 from p2o_jax.rl.advantages import group_advantages
 from p2o_jax.rl.losses import PolicyLossConfig
-from p2o_jax.rl.rollout import collect_rollouts, pack_rows
+from p2o_jax.rl.rollout import collect_rollouts
+from p2o_jax.rl.sequence_packing import pack_sequences, packed_shape
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 from p2o_jax.policy import Policy
 from p2o_jax.sampling import SamplingConfig
@@ -50,6 +51,12 @@ def rollouts_for(distillation, setup):
   rollouts = collect_rollouts(policy, contexts, QUERIES, K,
                               SamplingConfig(max_new_tokens=6, temperature=1.0), seed=3, score=reward)
   return hooks, rollouts
+
+
+def pack(prompt_ids, tokens, mask, pad_id):
+  """The rows as the trainer packs them, all in one cell, a query's rows behind one copy of their prompt."""
+  shape = packed_shape(prompt_ids, mask, len(prompt_ids), 96 + 6, "shared_prompts", attention_span=1e9)
+  return pack_sequences(prompt_ids, tokens, mask, pad_id, len(prompt_ids), shape, "shared_prompts")
 
 
 def sgd_delta(model, packed, advantages, old_logp, weights):
@@ -89,7 +96,7 @@ def test_templated_ablation_counts_the_rows_rolled_out_with_a_template(setup):
   assert rollouts.is_templated().tolist() == [False] * K + [True, False, True, True]
   metrics = hooks.observe(QUERIES, rollouts)
   assert (metrics["p2o/templated_rows"], metrics["p2o/templated_queries"]) == (3, 1)
-  packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id, 96)
+  packed = pack(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id)
   _, weights, metrics = hooks.train_inputs(rollouts, packed, old_logprobs(model, packed))
   assert (weights == 1).all() and not any(k.startswith("p2o/template_ratio") for k in metrics)
   hooks.end_epoch(0, last=True)
@@ -105,10 +112,10 @@ def test_distillation_gradient_equals_plain_grpo_gradient_on_reencoded_rows(setu
   advantages = np.asarray(group_advantages(jnp.asarray(rollouts.rewards), K))
   assert np.abs(advantages).max() > 0
   # P^2O's path: the trainer packs the rows on their TRAIN contexts.
-  distill = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id, 96)
+  distill = pack(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id)
   # Reference: plain GRPO on (x, y~), the plain prompt re-encoded from scratch, same responses.
   plain_ids = chat_prompt_ids(tokenizer, [q.question for q in QUERIES for _ in range(K)])
-  plain = pack_rows(plain_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id, 96)
+  plain = pack(plain_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id)
   ones = np.ones(plain["response_mask"].shape, np.float32)
   got = sgd_delta(model, distill, advantages, old_logprobs(model, distill), ones)
   want = sgd_delta(model, plain, advantages, old_logprobs(model, plain), ones)
@@ -116,7 +123,7 @@ def test_distillation_gradient_equals_plain_grpo_gradient_on_reencoded_rows(setu
 
   # The ablation ("w/o context distillation") takes the gradient on x~: a different update.
   _, ablation = rollouts_for("templated", setup)
-  templated = pack_rows(ablation.train_prompt_ids, ablation.tokens, ablation.mask, tokenizer.pad_token_id, 96)
+  templated = pack(ablation.train_prompt_ids, ablation.tokens, ablation.mask, tokenizer.pad_token_id)
   other = sgd_delta(model, templated, advantages, old_logprobs(model, templated), ones)
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), other, want))
   assert max(diffs) > 1e-6
@@ -126,7 +133,7 @@ def test_ratio_mask_weights_only_templated_rows_and_importance_uses_behaviour_lo
   tokenizer, model, _ = setup
   for mode in ("plain", "importance"):
     hooks, rollouts = rollouts_for(mode, setup)
-    packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id, 96)
+    packed = pack(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, tokenizer.pad_token_id)
     old = old_logprobs(model, packed)
     response_len = packed["response_mask"].shape[1]
     # Push one templated token's behaviour log-prob far below the plain one: rho = exp(plain - templated) > 10.

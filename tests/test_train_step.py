@@ -12,6 +12,7 @@ from flax import nnx
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder, positions_from_mask
 from p2o_jax.rl.losses import PolicyLossConfig, ppo_token_losses
+from p2o_jax.rl.sequence_packing import pack_sequences, packed_shape
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
 
 ROWS, PROMPT, RESPONSE = 8, 6, 5
@@ -36,8 +37,15 @@ def random_rows(seed=0):
           "token_weights": rs.uniform(0.5, 1.5, (ROWS, RESPONSE)).astype(np.float32)}
 
 
-def as_micro(rows, micro):
-  return {k: v.reshape(ROWS // micro, micro, *v.shape[1:]) for k, v in rows.items()}
+def as_micro(rows, micro, packing="sequences"):
+  """Padded rows (left-padded prompts of PROMPT tokens, responses of RESPONSE) as the train step's packed batch
+  (sequence_packing), `micro` rows per micro-batch; the other fields reshaped to (micro-batches, micro, ...)."""
+  prompts = [t[:PROMPT][v[:PROMPT]].tolist() for t, v in zip(rows["tokens"], rows["valid"])]
+  responses, mask = rows["tokens"][:, PROMPT:], rows["response_mask"]
+  shape = packed_shape(prompts, mask, micro, PROMPT + RESPONSE, packing, attention_span=1e9)
+  batch = {**pack_sequences(prompts, responses, mask, 0, micro, shape, packing),
+           **{k: v for k, v in rows.items() if k not in ("tokens", "valid", "response_mask")}}
+  return {k: v.reshape(ROWS // micro, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 def one_sgd_step(rows, micro, aggregation="token-mean", temperature=0.7, chunk_size=None):

@@ -2,7 +2,9 @@
 
 Every implementation computes the same thing: query i of a row sits at key slot `q_offset + i` and attends to the keys
 s <= q_offset + i of its own segment. `segments_bs` (b, s) gives each key slot's segment: 0 for padding, else an id
-(a bool validity mask is one segment; packed SFT rows hold several). Masks are never passed as (b, t, s) tensors: at
+(a bool validity mask is one segment; packed SFT and train rows hold several). Segments may also be (b, s, 2) int:
+[..., 0] the slot's own segment, [..., 1] another segment its query also attends to (a shared prompt prefix,
+rl/sequence_packing.py); only "plain" and "chunked" take those (the others fall back to chunked). Masks are never passed as (b, t, s) tensors: at
 13k tokens one would take 170 MB per row, so each implementation builds what it needs from the segments and offset.
 On every query that has a key to attend to they agree (to float rounding); a query with none (a padding slot) gets a
 finite output whose value differs between implementations and must not be used.
@@ -66,7 +68,11 @@ def _visible(q_segments_bt: jax.Array, segments_bs: jax.Array, first_position) -
   t, s = q_segments_bt.shape[1], segments_bs.shape[1]
   keys = segments_bs.astype(jnp.int32)
   causal = jnp.arange(s)[None, :] <= (first_position + jnp.arange(t))[:, None]
-  same = q_segments_bt[:, :, None] == keys[:, None, :]
+  if keys.ndim == 3:  # (own segment, shared prefix segment): a key of either is visible
+    keys = keys[..., 0]
+    same = ((q_segments_bt[:, :, None, 0] == keys[:, None, :]) | (q_segments_bt[:, :, None, 1] == keys[:, None, :]))
+  else:
+    same = q_segments_bt[:, :, None] == keys[:, None, :]
   return causal[None] & same & (keys > 0)[:, None, :]
 
 
@@ -112,10 +118,11 @@ def chunked_attention(q_bthd, k_bksd, v_bksd, segments_bs, q_offset, scale, *, c
   n = -(-t // chunk)
   pad = n * chunk - t
   # Query segments from the unpadded slice (dynamic_slice would clamp a padded one); padded queries are segment 0.
-  q_segments = jnp.pad(query_segments(segments_bs, q_offset, t), ((0, 0), (0, pad)))
+  q_segments = query_segments(segments_bs, q_offset, t)
+  q_segments = jnp.pad(q_segments, ((0, 0), (0, pad)) + ((0, 0),) * (q_segments.ndim - 2))
   q = jnp.pad(q_bthd.reshape(b, t, kv, h // kv, d), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
   q_chunks = q.reshape(b, n, chunk, kv, h // kv, d).transpose(1, 0, 3, 4, 2, 5)  # (n, b, kv, g, chunk, d)
-  segment_chunks = q_segments.reshape(b, n, chunk).transpose(1, 0, 2)  # (n, b, chunk)
+  segment_chunks = jnp.moveaxis(q_segments.reshape(b, n, chunk, *q_segments.shape[2:]), 1, 0)  # (n, b, chunk[, 2])
   first_positions = q_offset + chunk * jnp.arange(n, dtype=jnp.int32)
 
   @jax.checkpoint
@@ -175,7 +182,7 @@ def splash_attention(q_bthd, k_bksd, v_bksd, segments_bs, q_offset, scale, *, in
   """Splash attention where the queries are the keys; other shapes go to plain (decode) or chunked."""
   b, t, h, d = q_bthd.shape
   kv, s = k_bksd.shape[1], k_bksd.shape[2]
-  if not (_is_static_zero(q_offset) and t == s and t > 1):
+  if not (_is_static_zero(q_offset) and t == s and t > 1 and segments_bs.ndim == 2):
     return _fallback(q_bthd, k_bksd, v_bksd, segments_bs, q_offset, scale)
   pad = -t % 128  # padded slots are segment 0: no real query sees them
   segments = jnp.pad(segments_bs.astype(jnp.int32), ((0, 0), (0, pad)))

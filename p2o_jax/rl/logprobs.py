@@ -1,8 +1,9 @@
-"""Per-token log-probabilities (and entropies) of responses under a policy, on packed (prompt + response) rows.
+"""Per-token log-probabilities (and entropies) of responses under a policy, on packed train rows.
 
-A row is the prompt left-padded to P tokens followed by the response right-padded to R tokens. The hidden state that
-predicts response token j sits at position P - 1 + j, so only those R positions go through the LM head. Log-probs use
-logits / temperature, the same distribution the sampler drew from, so an untouched policy has ratio exactly 1.
+The transformer runs on rows of packed (prompt + response) sequences (rl/sequence_packing.py); the hidden state that
+predicts each response token is gathered into a (rows, R) response layout, and only those positions go through the LM
+head. Log-probs use logits / temperature, the same distribution the sampler drew from, so an untouched policy has
+ratio exactly 1.
 
 The LM head is applied a chunk of sequence positions at a time (`chunked_logprobs`): a full (rows, R, vocab) float32
 tensor is never built, neither in the forward pass nor in the backward pass. For Qwen3-4B (vocab 151,936) at
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from p2o_jax import sharding
-from p2o_jax.models.decoder import Decoder, positions_from_mask
+from p2o_jax.models.decoder import Decoder
+from p2o_jax.rl.sequence_packing import gather_predicted
 
 # Tokens (rows x positions) per device in one LM-head chunk. Each live (tokens, vocab) float32 buffer is then
 # 1,024 x 151,936 x 4 B = 0.58 GiB for Qwen3-4B (the backward pass holds two or three: logits, softmax, their
@@ -27,20 +29,25 @@ from p2o_jax.models.decoder import Decoder, positions_from_mask
 DEFAULT_CHUNK_TOKENS = 1024
 
 
+def batch_cells() -> int:
+  """Cells per micro-batch (rl/sequence_packing.py): one per device on the ambient mesh's batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else sharding.batch_divisor(mesh)
+
+
 def default_chunk_size(rows: int) -> int:
   """Positions per chunk so that a chunk holds about DEFAULT_CHUNK_TOKENS tokens per device, the `rows` split over
   the ambient mesh's batch axes."""
-  mesh = jax.sharding.get_abstract_mesh()
-  divisor = 1 if mesh.empty else sharding.batch_divisor(mesh)
+  divisor = batch_cells()
   rows_per_device = rows // divisor if rows % divisor == 0 else rows
   return max(DEFAULT_CHUNK_TOKENS // max(rows_per_device, 1), 1)
 
 
-def response_hidden(model: Decoder, tokens_bt, valid_bt, response_len: int):
-  """Final hidden states (b, R, embed) at positions P-1 .. P+R-2: the ones that predict the R response tokens."""
-  prompt_len = tokens_bt.shape[1] - response_len
-  hidden, _ = model.hidden_states(tokens_bt, positions_from_mask(valid_bt), valid_bt)
-  return hidden[:, prompt_len - 1:-1]
+def response_hidden(model: Decoder, batch) -> jax.Array:
+  """Final hidden states (b, R, embed): for each response token, the one that predicts it. `batch` holds the packed
+  tokens, positions and segments and the response layout's predictor (sequence_packing.pack_sequences)."""
+  hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segments"])
+  return gather_predicted(hidden, batch["predictor"], batch_cells())
 
 
 def chunked_logprobs(hidden_bre, unembedding_ev, targets_br, temperature: float, *,

@@ -1,5 +1,4 @@
-"""Rollouts: queries -> K responses each (one `Policy.generate` call) -> verified rewards, and packing them into train
-rows.
+"""Rollouts: queries -> K responses each (one `Policy.generate` call) -> verified rewards.
 
 Every row has two contexts: the user turn it was GENERATED from and the user turn its gradient is TAKEN on. Plain GRPO
 uses the query for both. P^2O generates hard queries' rows from templated turns and trains them on the plain one
@@ -16,7 +15,7 @@ import numpy as np
 from p2o_jax.data.records import Query
 from p2o_jax.policy import Policy
 from p2o_jax.rewards.functions import RewardScores, ScoreFn, as_scores
-from p2o_jax.sampling import SamplingConfig, length_buckets, round_up_to_bucket
+from p2o_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,29 +78,3 @@ def collect_rollouts(policy: Policy, contexts: RowContexts, queries: Sequence[Qu
                   generate_prompt_ids=out.prompt_ids, train_prompt_ids=train_ids, tokens=out.tokens, mask=out.mask,
                   sampler_logp=out.logprobs, rewards=scores.total, reward_terms=scores.by_function,
                   templated=None if contexts.templated is None else np.asarray(contexts.templated, bool))
-
-
-def packed_lengths(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, max_prompt_len: int) -> tuple[int, int]:
-  """(prompt length P, response length R) of `pack_rows`: the longest of each, rounded up to a bucket (powers of two
-  and 1.5x powers of two: at most a third of padding, two train-step shapes per doubling)."""
-  longest_response = int(mask.sum(axis=1).max()) if mask.size else 1
-  response_len = round_up_to_bucket(max(longest_response, 1), length_buckets(mask.shape[1], smallest=8))
-  prompt_len = round_up_to_bucket(max((len(p) for p in prompt_ids), default=1),
-                                  length_buckets(max_prompt_len, smallest=8))
-  return prompt_len, response_len
-
-
-def pack_rows(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask: np.ndarray, pad_id: int,
-              max_prompt_len: int, lengths: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-  """Rows of [prompt left-padded to P | response right-padded to R]; (P, R) = `lengths`, by default `packed_lengths`
-  of these rows (several processes pass the maximum over all of theirs, so their arrays form one global batch)."""
-  prompt_len, response_len = lengths or packed_lengths(prompt_ids, mask, max_prompt_len)
-  rows = len(prompt_ids)
-  packed = np.full((rows, prompt_len + response_len), pad_id, np.int32)
-  valid = np.zeros(packed.shape, bool)
-  for r, prompt in enumerate(prompt_ids):
-    packed[r, prompt_len - len(prompt):prompt_len] = prompt
-    valid[r, prompt_len - len(prompt):prompt_len] = True
-  packed[:, prompt_len:] = np.where(mask[:, :response_len], tokens[:, :response_len], pad_id)
-  valid[:, prompt_len:] = mask[:, :response_len]
-  return {"tokens": packed, "valid": valid, "response_mask": mask[:, :response_len].copy()}

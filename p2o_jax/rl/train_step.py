@@ -20,9 +20,11 @@ from flax import nnx
 
 from p2o_jax.models.decoder import Decoder, cast_floating
 from p2o_jax.rl.logprobs import chunked_logprobs, response_hidden
+from p2o_jax.rl.sequence_packing import MODEL_INPUTS
 from p2o_jax.rl.losses import PolicyLossConfig, aggregate, policy_loss
 
-Batch = dict[str, jax.Array]  # tokens, valid, response_mask, advantages, token_weights[, old_logp][, ref_logp]
+# sequence_packing.MODEL_INPUTS, advantages, token_weights[, old_logp][, ref_logp]
+Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +44,8 @@ def compute_model(graphdef, params) -> Decoder:
 
 def _micro_loss(params, graphdef, micro: Batch, denominator, cfg: StepConfig):
   model = compute_model(graphdef, params)
-  response_len = micro["response_mask"].shape[1]
-  hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
-  logp, entropy = chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], cfg.temperature,
-                                   chunk_size=cfg.logprob_chunk_size)
+  logp, entropy = chunked_logprobs(response_hidden(model, micro), model.unembedding(), micro["response_tokens"],
+                                   cfg.temperature, chunk_size=cfg.logprob_chunk_size)
   # Without old log-probs (one on-policy update: grpo.old_logprobs "auto") the update's own are the old ones.
   old_logp = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
   loss_sum, _, metrics = policy_loss(logp, old_logp, micro["advantages"], micro["response_mask"], cfg.loss,
@@ -105,13 +105,11 @@ def make_logprob_fn(graphdef, temperature: float, *, chunk_size: int | None = No
 
   def logprobs(params, batch: Batch):
     model = compute_model(graphdef, params)
-    response_len = batch["response_mask"].shape[-1]
 
     def one(micro):
-      hidden = response_hidden(model, micro["tokens"], micro["valid"], response_len)
-      return chunked_logprobs(hidden, model.unembedding(), micro["tokens"][:, -response_len:], temperature,
-                              chunk_size=chunk_size, entropy=False)[0]
+      return chunked_logprobs(response_hidden(model, micro), model.unembedding(), micro["response_tokens"],
+                              temperature, chunk_size=chunk_size, entropy=False)[0]
 
-    return jax.lax.map(one, {k: batch[k] for k in ("tokens", "valid", "response_mask")})
+    return jax.lax.map(one, {k: batch[k] for k in MODEL_INPUTS})
 
   return jax.jit(logprobs)

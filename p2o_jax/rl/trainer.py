@@ -35,7 +35,8 @@ from p2o_jax.policy import Policy
 from p2o_jax.rewards.functions import RewardScores, ScoreFn
 from p2o_jax.rl.advantages import advantage_estimator
 from p2o_jax.rl.dynamic_sampling import refill_flat_groups
-from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, pack_rows, packed_lengths, plain_contexts
+from p2o_jax.rl.rollout import RowContexts, Rollouts, collect_rollouts, plain_contexts
+from p2o_jax.rl.sequence_packing import PackedShape
 from p2o_jax.run_dir import RunDir
 from p2o_jax.sampling import SamplingConfig
 
@@ -118,6 +119,7 @@ class Trainer:
     self.pipeline = EpochBatches(list(train_queries), global_batch_size=c.train.batch_size, seed=c.seed,
                                  process_index=jax.process_index(), process_count=jax.process_count())
     self.layout = builders.build_batch_layout(policy.mesh)
+    self.packer = builders.build_packer(c, policy.sampler.cfg, policy.mesh, policy.pad_id)
     self.total_steps = c.train.max_steps or c.train.epochs * self.pipeline.steps_per_epoch
     self.optimizer = builders.build_optimizer(c, self.total_steps)
     self.opt_state = sharding.init_optimizer_state(self.optimizer, policy.params, policy.mesh)
@@ -154,16 +156,15 @@ class Trainer:
 
   def update(self, rollouts: Rollouts, timer: _Timer) -> dict[str, float]:
     """Advantages, old (and reference) log-probs on the TRAIN contexts, then ppo_epochs x num_minibatches steps."""
-    c, g = self.c, self.c.grpo
+    g = self.c.grpo
     start = time.perf_counter()
     advantages = np.asarray(advantage_estimator(g.advantage)(jnp.asarray(rollouts.rewards), rollouts.group_size))
-    # Every process must pack to the same (prompt, response) lengths: its rows are one slice of the global arrays.
-    lengths = packed_lengths(rollouts.train_prompt_ids, rollouts.mask, c.rollout.max_prompt_len)
-    lengths = tuple(int(n) for n in distributed.allgather(np.asarray(lengths, np.int32)).max(axis=0))
-    packed = pack_rows(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, self.policy.pad_id,
-                       c.rollout.max_prompt_len, lengths)
     rows = rollouts.num_rows * jax.process_count()  # every process holds the same number of rows
     micro = g.micro_batch_size
+    # Every process packs to the same shape: its arrays are one slice of the global ones.
+    shape = self.packer.shape(rollouts.train_prompt_ids, rollouts.mask)
+    shape = PackedShape(*(int(n) for n in distributed.allgather(shape.as_array()).max(axis=0)))
+    packed = self.packer.pack(rollouts.train_prompt_ids, rollouts.tokens, rollouts.mask, shape)
     whole = self.layout.to_device(packed, (rows // micro,))
     old_logp = self._old_logprobs(rollouts, whole, packed["response_mask"].shape[1])
     old_logp, weights, hook_metrics = self.hooks.train_inputs(rollouts, packed, old_logp)
