@@ -2,8 +2,9 @@
 has generated, its own limit, temperature and stop tokens), which the host (`sampling.Sampler`) schedules.
 
 - `empty_slots`: the slots' state for one call; every slot idle (done).
-- `prefill_slots`: run a group of prompts (right-padded to a prompt bucket) through the model, sample each row's first
-  token and write the rows into the given slots (their cache, first token, limits). Rows that stop at once are done.
+- `prefill_slots`: run a group's distinct prompts (right-padded to a prompt bucket) through the model once each, sample
+  each row's first token and write the rows into the given slots (their cache, first token, limits). Rows that stop
+  at once are done.
 - `decode_segment`: one `lax.while_loop` of decode steps over every slot, attending over the slots' whole cache. It
   stops after `max_steps` (the cache is full up to its length) or as soon as `stop_at_done` slots are done, so the
   host can refill slots or shrink the state.
@@ -77,25 +78,38 @@ def _draw(logits_bv, key, rows_b, index_b, temperature_b, top_p, mode: SlotMode)
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))
 def prefill_slots(graphdef, state, carry, key, top_p, group: dict, *, mode: SlotMode):
-  """Prefill `group` (tokens (g, p) right-padded, lengths, slot, row, limit, temperature, stops; a slot index out of
-  range drops that padding row) and write its rows into their slots."""
+  """Prefill `group` and write its rows into their slots. The group's distinct prompts run once each (tokens (u, p)
+  right-padded, lengths; a query's K rollouts share one), `copies` (u, c) names the slots each one's cache goes to
+  (an index out of range writes nothing); per row (g): source (its prompt), slot (out of range: a padding row),
+  row, limit, temperature, stops."""
   model: Decoder = nnx.merge(graphdef, state)
-  tokens, lengths, slot = group["tokens"], group["lengths"], group["slot"]
-  g, p = tokens.shape
+  tokens, lengths, source, slot = group["tokens"], group["lengths"], group["source"], group["slot"]
+  u, p = tokens.shape
   valid = jnp.arange(p)[None, :] < lengths[:, None]
-  hidden, cache = model.hidden_states(tokens, positions_from_mask(valid), valid, init_cache(model.cfg, g, p), 0)
-  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-  token, logp = _draw(model.logits(last_hidden)[:, 0], key, group["row"], jnp.zeros_like(lengths),
+  hidden, cache = model.hidden_states(tokens, positions_from_mask(valid), valid, init_cache(model.cfg, u, p), 0)
+  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[source]
+  row_lengths = lengths[source]
+  token, logp = _draw(model.logits(last_hidden)[:, 0], key, group["row"], jnp.zeros_like(row_lengths),
                       group["temperature"], top_p, mode)
-  m = mode.max_new_tokens
+  g, m = source.shape[0], mode.max_new_tokens
   new = dict(tokens=jnp.full((g, m), mode.pad_id, jnp.int32).at[:, 0].set(token),
-             logprobs=jnp.zeros((g, m), jnp.float32).at[:, 0].set(logp), last=token, pos=lengths,
-             count=jnp.ones_like(lengths), limit=group["limit"], temperature=group["temperature"], row=group["row"],
-             stops=group["stops"], done=_stopped(token, group["stops"], mode.eos_ids) | (group["limit"] <= 1))
+             logprobs=jnp.zeros((g, m), jnp.float32).at[:, 0].set(logp), last=token, pos=row_lengths,
+             count=jnp.ones_like(row_lengths), limit=group["limit"], temperature=group["temperature"],
+             row=group["row"], stops=group["stops"],
+             done=_stopped(token, group["stops"], mode.eos_ids) | (group["limit"] <= 1))
   out = {k: carry[k].at[slot].set(v.astype(carry[k].dtype), mode="drop") for k, v in new.items()}
-  out["cache"] = [{name: layer[name].at[slot, :, :p].set(filled[name].astype(layer[name].dtype), mode="drop")
-                   for name in ("k", "v")} for layer, filled in zip(carry["cache"], cache)]
+  out["cache"] = [{name: _write_copies(layer[name], filled[name], group["copies"]) for name in ("k", "v")}
+                  for layer, filled in zip(carry["cache"], cache)]
   return out
+
+
+def _write_copies(cache_bksd, filled_uksd, copies_uc):
+  """The cache with each prompt's keys (or values) written into every slot of its row of `copies`: one scatter per
+  column, so no (rows, ...) copy of the prompts' cache is ever built."""
+  p = filled_uksd.shape[2]
+  for c in range(copies_uc.shape[1]):
+    cache_bksd = cache_bksd.at[copies_uc[:, c], :, :p].set(filled_uksd.astype(cache_bksd.dtype), mode="drop")
+  return cache_bksd
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("carry",))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from p2o_jax.models.hf_checkpoint import load_hf_model
-from p2o_jax.sampling import Sampler, SampleOutput, SamplingConfig
+from p2o_jax.sampling import Sampler, SampleOutput, SamplingConfig, _distinct_prompts
 from test_sampler import hf_greedy, pick_eos, reference_logprobs, teacher_forced_logits  # the same references
 
 PAD = 0
@@ -139,8 +139,7 @@ def test_greedy_logprobs_are_log_softmax_of_teacher_forced_logits(cases, variant
 
 @pytest.mark.slow  # cache lengths of their own: ~20 s of compiles
 def test_greedy_with_a_cache_that_grows_with_the_longest_row_equals_the_plain_loop(qwen2):
-  """The default smallest cache bucket (Sampler.SMALLEST_CACHE) exceeds every other test's whole allocation, so they
-  never resize the cache. Here short prompts, 24 new tokens and buckets from 4 positions with 2 steps of headroom make
+  """Here short prompts, 24 new tokens and buckets from 4 positions with 2 steps of headroom make
   the engine start with an 8-position cache and grow it with its longest row."""
   assert hasattr(Sampler, "SMALLEST_CACHE") and hasattr(Sampler, "SEGMENT_STEPS")  # else the knobs below do nothing
   prompts, max_new = hf_models.random_prompts([2, 4, 1, 3, 4, 2], vocab_size=96, pad_id=PAD, seed=5), 24
@@ -168,6 +167,27 @@ def test_a_seed_draws_the_same_tokens_whatever_the_slot_count(sampled, mode, slo
   np.testing.assert_array_equal(got.tokens, one_row_at_a_time.tokens)
   np.testing.assert_array_equal(got.lengths, one_row_at_a_time.lengths)
   np.testing.assert_allclose(got.logprobs, one_row_at_a_time.logprobs, atol=1e-5)
+
+
+def test_a_prompt_runs_once_for_up_to_max_prompt_copies_rows():
+  prompts = [[1, 2], [3], [1, 2], [1, 2], [3], [1, 2]]
+  assert _distinct_prompts(prompts, 8) == ([(1, 2), (3,)], [0, 1, 0, 0, 1, 0])
+  assert _distinct_prompts(prompts, 2) == ([(1, 2), (3,), (1, 2)], [0, 1, 0, 2, 1, 2])
+  assert _distinct_prompts(prompts, 1) == ([tuple(p) for p in prompts], list(range(6)))
+
+
+def test_rows_sharing_a_prompt_draw_what_they_draw_when_each_runs_its_own(qwen2):
+  """One prefill of 3 prompts x n=3 (a slot per row): each prompt runs once and its cache goes to 3 slots. The same
+  tokens and log-probs as with every row's prompt run on its own (MAX_PROMPT_COPIES 1)."""
+  outs = []
+  for copies in (8, 1):
+    sampler = Sampler(qwen2.model, eos_ids=[qwen2.eos], pad_id=PAD, max_prompt_len=MAX_PROMPT)
+    sampler.MAX_PROMPT_COPIES = copies
+    outs.append(sampler.generate(SAMPLED_PROMPTS, SAMPLED["T1"], n=3, seed=3))
+    assert sampler.last_stats["prefills"] == 1 and sampler.last_stats["slots"] == 9
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)  # another prefill batch: rounding
+  assert (outs[0].tokens[0] != outs[0].tokens[1]).any()  # the copies of a prompt still draw their own tokens
 
 
 @pytest.mark.parametrize("mode", ["T1", SLOW_MODE])
