@@ -193,9 +193,9 @@ def pack_sequences(prompt_ids: Sequence[Sequence[int]], tokens: np.ndarray, mask
     units = _units(prompt_ids, lengths, range(cell * rows_per_cell, (cell + 1) * rows_per_cell), row_len,
                    packing == "shared_prompts")
     bin_of, offset, used = _bins(units, row_len, packing)
-    if used > shape.rows or any(u.length > row_len for u in units):
-      raise ValueError(f"cell {cell} needs {used} rows of up to {max(u.length for u in units)} tokens; the shape "
-                       f"has {shape.rows} of {row_len}")
+    if used > shape.rows or any(u.length > row_len for u in units) or lengths.max(initial=0) > r:
+      raise ValueError(f"cell {cell} needs {used} rows of up to {max(u.length for u in units)} tokens and "
+                       f"responses of {lengths.max()}; the shape has {shape.rows} rows of {row_len}, responses of {r}")
     next_id = 1
     for unit, b, start in zip(units, bin_of, offset):
       row = cell * shape.rows + b
