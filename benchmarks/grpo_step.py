@@ -30,8 +30,8 @@ drops the spaces of its character vocabulary.
 
 Timing: the two sides alternate, step for step (benchmarks.common.interleaved_timings): TRL's `train()` runs in a
 thread that pauses at every optimizer-step boundary (`SteppedTrainer`), so a timed TRL step is one whole iteration
-of its training loop. Untimed steps first: ours until one compiles nothing (at most OURS_WARMUP_STEPS: each new
-length bucket compiles once per run), then one per side (TRL's first step also builds its dataloader).
+of its training loop. Untimed steps first: ours until OURS_QUIET_STEPS in a row compile nothing (at most
+OURS_WARMUP_STEPS: each new length bucket compiles once per run), then one per side (TRL's first step also builds its dataloader).
 Reported: median step time, response tokens per second (tokens sampled and trained on / step time, median over
 steps), their ratio ours/TRL next to the targets, and each side's split of the step. XLA compile seconds that fall in
 ours' timed steps (a new response-length bucket) are printed; they are part of the step as a run would see it.
@@ -65,7 +65,8 @@ from p2o_jax.rewards.graders import builtin_exact
 
 DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"
 LEARNING_RATE = 1e-6
-OURS_WARMUP_STEPS = 8  # at most: untimed steps of ours before the timed ones, stopping at the first that compiles nothing
+OURS_WARMUP_STEPS = 16  # at most: untimed steps of ours before the timed ones
+OURS_QUIET_STEPS = 3  # warm-up ends after this many steps in a row that compiled nothing
 REWARD_FALLBACK = "last_number"  # the demo config's reward.fallback; set on our side, used by exact_match_reward
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -228,9 +229,9 @@ def bench_size(size: ModelSize, work: Workload, repeats: int, clock: CompileCloc
     checkpoint_dir = str(builders.existing_policy_checkpoint(c))
     queries = bench_queries(c, work.prompts)
     ours, ours_log = ours_stepper(c, queries, stack, clock)
-    for _ in range(OURS_WARMUP_STEPS):  # until a step compiles nothing: every length bucket this workload meets
+    for _ in range(OURS_WARMUP_STEPS):  # until steps compile nothing: the length buckets this workload meets
       ours()
-      if ours_log.compile_s[-1] < 0.05:
+      if all(s < 0.05 for s in ours_log.compile_s[-OURS_QUIET_STEPS:]) and len(ours_log.compile_s) >= OURS_QUIET_STEPS:
         break
     from benchmarks.trl_grpo_side import trl_stepper  # pylint: disable=import-outside-toplevel  (see that module)
     theirs, theirs_log, trl_version = trl_stepper(checkpoint_dir, c, queries, work, 1 + repeats,
