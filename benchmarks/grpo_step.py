@@ -20,7 +20,8 @@ rows in one micro-batch (TRL per_device_train_batch_size = rows, steps_per_gener
 Ours keeps its dual clip (3.0; TRL has none), which costs nothing measurable.
 
 Ours is the real public path: configs/demo_cpu.py with the overrides in `ours_config` (P^2O off, one mini-batch; the
-CPU split into the config's 2 JAX devices, data-parallel), our Policy, verifier pool and Trainer built as
+CPU split into the config's 2 JAX devices; demo data-parallel over both, 50m on the first alone, as
+distributed.use_cpu_devices advises for larger models: `Workload.devices`), our Policy, verifier pool and Trainer built as
 p2o_jax/experiment.py builds them, timing `Trainer.step`, which samples, scores in the sandboxed worker pool and
 updates; with one update per step neither side runs a separate old-log-prob pass (ours: grpo.old_logprobs "auto";
 TRL's old log-probs are the detached current ones), and scores in-process with a plain Python reward function of the same
@@ -78,6 +79,7 @@ class Workload:
   num_samples: int  # K
   new_tokens: int  # rollout.max_new_tokens = TRL max_completion_length
   target_ratio: float  # ours / TRL response tokens per second; printed, not asserted
+  devices: int  # the CPU devices ours runs on (of the demo config's distributed.cpu_devices = 2)
 
   @property
   def rows(self) -> int:
@@ -85,8 +87,10 @@ class Workload:
 
 
 WORKLOADS = {
-    "demo": Workload(prompts=8, num_samples=6, new_tokens=96, target_ratio=2.5),
-    "50m": Workload(prompts=4, num_samples=4, new_tokens=128, target_ratio=2.0),
+    # The demo config's two devices for the tiny policy; one for 50M, as distributed.use_cpu_devices advises for
+    # larger models (each device would read all the weights every decode step).
+    "demo": Workload(prompts=8, num_samples=6, new_tokens=96, target_ratio=2.5, devices=2),
+    "50m": Workload(prompts=4, num_samples=4, new_tokens=128, target_ratio=2.0, devices=1),
 }
 
 
@@ -153,7 +157,7 @@ def ours_config(checkpoint: str, work: Workload, workdir: str):
   c.optim.update(lr=LEARNING_RATE, warmup_ratio=0.0, schedule="constant", weight_decay=0.01, grad_clip=1.0)
   c.train.update(batch_size=work.prompts, max_steps=1000)
   c.eval.update(builtin_easy=0, builtin_hard=0, every_steps=0, base_with_template=False)
-  validate(c, jax.device_count())
+  validate(c, work.devices)
   return c
 
 
@@ -182,12 +186,14 @@ class StepLog:
   compile_s: list[float] = dataclasses.field(default_factory=list)
 
 
-def ours_stepper(c, queries: Sequence[Query], stack: contextlib.ExitStack, clock: CompileClock
+def ours_stepper(c, queries: Sequence[Query], stack: contextlib.ExitStack, clock: CompileClock, devices: int
                  ) -> tuple[Callable[[], None], StepLog]:
-  """run() = one Trainer.step on `queries` (step numbers count up, so each draws fresh samples); and its log."""
+  """run() = one Trainer.step on `queries` (step numbers count up, so each draws fresh samples) on the first
+  `devices` CPU devices; and its log."""
   from p2o_jax.rl.trainer import Trainer
 
-  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+                            jax.devices()[:devices])
   pool = stack.enter_context(builders.build_reward_pool(c))
   policy = builders.build_policy(c, builders.existing_policy_checkpoint(c), mesh)
   score = pool.scorer(c.data.prompt_format)
@@ -228,7 +234,7 @@ def bench_size(size: ModelSize, work: Workload, repeats: int, clock: CompileCloc
     c = ours_config(checkpoint, work, str(pathlib.Path(tmp, "ours")))
     checkpoint_dir = str(builders.existing_policy_checkpoint(c))
     queries = bench_queries(c, work.prompts)
-    ours, ours_log = ours_stepper(c, queries, stack, clock)
+    ours, ours_log = ours_stepper(c, queries, stack, clock, work.devices)
     for _ in range(OURS_WARMUP_STEPS):  # until steps compile nothing: the length buckets this workload meets
       ours()
       if all(s < 0.05 for s in ours_log.compile_s[-OURS_QUIET_STEPS:]) and len(ours_log.compile_s) >= OURS_QUIET_STEPS:
@@ -274,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows.append(row)
   headers = ["size", "prompts x K", "max new tokens", "ours s/step", "TRL s/step", "ours tok/s", "TRL tok/s",
              "ratio ours/TRL", "target", "ours split (s)", "TRL split (s)"]
-  print(f"\nGRPO step (sample, reward, log-probs, one update), ours (JAX, {jax.device_count()} CPU devices) vs TRL "
+  print(f"\nGRPO step (sample, reward, log-probs, one update), ours (JAX; CPU devices: "
+        f"{', '.join(f'{s.name} {WORKLOADS[s.name].devices}' for s in sizes)}) vs TRL "
         f"{trl_version} GRPOTrainer (torch threads: {threads}); median of {repeats}; tok/s = response tokens per s")
   print(f"{machine_note()}; wall time {time.perf_counter() - start:.0f} s\n")
   print(markdown_table(headers, rows))

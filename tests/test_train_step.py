@@ -11,6 +11,7 @@ from flax import nnx
 
 from p2o_jax.models.config import ModelConfig
 from p2o_jax.models.decoder import Decoder, positions_from_mask
+from p2o_jax.rl import logprobs
 from p2o_jax.rl.losses import PolicyLossConfig, ppo_token_losses
 from p2o_jax.rl.sequence_packing import pack_sequences, packed_shape
 from p2o_jax.rl.train_step import StepConfig, make_logprob_fn, make_train_step
@@ -197,6 +198,19 @@ def test_lm_head_chunks_change_nothing():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), split, full)
   for name in ("loss", "entropy", "ratio_mean", "clip_fraction", "grad_norm"):
     np.testing.assert_allclose(metrics[name], full_metrics[name], rtol=1e-5, err_msg=name)
+
+
+def test_a_kept_softmax_gives_the_update_of_recomputed_logits(monkeypatch):
+  """The LM head's backward pass keeps each chunk's softmax when they fit (the tiny model's always do) or recomputes
+  the logits (KEEP_SOFTMAX_BYTES 0): the same update and metrics."""
+  rows = random_rows()
+  kept, kept_metrics = one_sgd_step(rows, micro=4, chunk_size=2)
+  monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", 0)
+  recomputed, metrics = one_sgd_step(rows, micro=4, chunk_size=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), recomputed, kept)
+  for name in ("loss", "entropy", "grad_norm"):
+    np.testing.assert_allclose(metrics[name], kept_metrics[name], rtol=1e-5, err_msg=name)
+  assert float(np.abs(np.concatenate([x.ravel() for x in jax.tree.leaves(kept)])).max()) > 1e-4
 
 
 @pytest.mark.slow

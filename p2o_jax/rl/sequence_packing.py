@@ -135,10 +135,13 @@ def _bins(units: list[_Unit], row_len: int, packing: str) -> tuple[np.ndarray, n
 
 
 def row_len_buckets(max_len: int) -> tuple[int, ...]:
-  """Packed row lengths: 1, 1.25, 1.5 and 1.75 times powers of two from 8, up to (and always including) `max_len`.
-  Four compiled shapes per doubling, at most a fifth of a row of padding past the longest sequence."""
-  steps = sorted({(8 << p) * q // 4 for p in range(32) for q in (4, 5, 6, 7)})
-  return tuple(b for b in steps if b < max_len) + (max_len,)
+  """Packed row lengths up to (and always including) `max_len`: quarter steps between powers of two below 128 (8, 10,
+  12, 14, 16, 20, ...), eighth steps from 128 (128, 144, 160, ...), so a row holds at most 1/5 (1/9) of padding
+  past the longest sequence. A 16-token prompt and a 128-token response fit 144 exactly, as the prompt and response
+  buckets of a padded row (16 + 128) do."""
+  quarters = {(8 << p) * q // 4 for p in range(4) for q in (4, 5, 6, 7)}
+  eighths = {(128 << p) * q // 8 for p in range(28) for q in range(8, 16)}
+  return tuple(b for b in sorted(quarters | eighths) if b < max_len) + (max_len,)
 
 
 def packed_shape(prompt_ids: Sequence[Sequence[int]], mask: np.ndarray, rows_per_cell: int, max_len: int,
