@@ -34,8 +34,8 @@ from p2o_jax.config import ConfigError, validate
 from p2o_jax.models.config import ModelConfig, ModelConfigError, from_hf_dict
 from p2o_jax.memory_report import DoesNotFit, MemoryReport, bytes_per_device, measure
 from p2o_jax.p2o.reflectors import REFERENCE_REFLECTORS
-from p2o_jax.tpu_topology import Topology, TopologyError, parse_topology
 from p2o_jax.rl.sequence_packing import resolve_packing
+from p2o_jax.tpu_topology import Topology, TopologyError, parse_topology
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -207,9 +207,9 @@ class Sampler:
   """
 
   # A decode step costs what the cache's length costs (attention reads it all; XLA:CPU's scatter rewrites it), so the
-  # cache keeps little headroom: the demo's 48 rollouts of ~18 tokens after 24-token prompts took 50 ms in a 64-slot
-  # cache against 75 ms in the 128 that 64 and 128 here gave. A segment is at most SEGMENT_STEPS long; a cache only
-  # grows at a bucket boundary (a few regroups per call).
+  # cache keeps little headroom: the demo's 48 rollouts of ~18 tokens after 24-token prompts took 50 ms with these
+  # values (a 64-position cache) against 75 ms with 64 and 128 (a 128-position one). A segment is at most
+  # SEGMENT_STEPS long; a cache grows only at a bucket boundary (a few regroups per call).
   SEGMENT_STEPS = 32  # the cache leaves room for at least this many more tokens of the longest live row
   SMALLEST_CACHE = 32  # the shortest cache: the smallest of a call's length_buckets
   REFILL_FRACTION = 8  # with rows waiting, a segment ends once 1/REFILL_FRACTION of the slots (at least 1) are free

@@ -4,10 +4,11 @@ Every implementation computes the same thing: query i of a row sits at key slot 
 s <= q_offset + i of its own segment. `segments_bs` (b, s) gives each key slot's segment: 0 for padding, else an id
 (a bool validity mask is one segment; packed SFT and train rows hold several). Segments may also be (b, s, 2) int:
 [..., 0] the slot's own segment, [..., 1] another segment its query also attends to (a shared prompt prefix,
-rl/sequence_packing.py); only "plain" and "chunked" take those (the others fall back to chunked). Masks are never passed as (b, t, s) tensors: at
-13k tokens one would take 170 MB per row, so each implementation builds what it needs from the segments and offset.
-On every query that has a key to attend to they agree (to float rounding); a query with none (a padding slot) gets a
-finite output whose value differs between implementations and must not be used.
+rl/sequence_packing.py); only "plain" and "chunked" take those (the others fall back to chunked). Masks are never
+passed as (b, t, s) tensors: at 13k tokens one would take 170 MB per row, so each implementation builds what it
+needs from the segments and offset. On every query that has a key to attend to they agree (to float rounding); a
+query with none (a padding slot) gets a finite output whose value differs between implementations and must not be
+used.
 
 - "plain": the whole (t, s) score matrix in f32. The reference; fastest for short sequences and single-token decode.
   Memory O(b*h*t*s), forward and backward (the backward keeps the (t, s) probabilities).

@@ -29,7 +29,8 @@ from p2o_jax.rl.sequence_packing import gather_predicted
 DEFAULT_CHUNK_TOKENS = 1024
 # The backward pass recomputes each chunk's logits, unless every chunk's softmax together fits in this many bytes per
 # device: then the forward keeps them (one LM-head matmul of four saved: at 50M parameters, vocab 32,000 and 2,048
-# response tokens, 0.25 GiB kept and ~0.4 s of a 4.2 s CPU update saved). Qwen3-4B's 12k-token rows never fit.
+# response tokens, 0.25 GiB kept and the CPU update 4.18 -> 4.06 s in benchmarks/grpo_step_bench.py). Qwen3-4B's
+# 12k-token rows never fit.
 KEEP_SOFTMAX_BYTES = 256 << 20
 
 
