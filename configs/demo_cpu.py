@@ -18,9 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.workdir = "runs/demo_cpu"
 
-  # Two JAX devices on the CPU, the batch split over them (mesh.data = -1): the tiny policy's decode ops are too small
-  # for XLA:CPU's intra-op thread pool, and sampling runs ~1.8x faster this way on 2 cores
-  # (benchmarks/sampler_bench.py).
+  # Two JAX devices on the CPU, the batch split over them (mesh.data = -1): chosen when the tiny policy sampled ~1.8x
+  # faster this way on 2 cores (benchmarks/sampler_bench.py, before the rollout engine). With the engine one device
+  # generates faster (distributed.use_cpu_devices); the README's demo figures were measured on two, so it stays two
+  # until they are re-measured.
   c.distributed.cpu_devices = 2
   c.model.checkpoint = "builtin"
   # The world the base policy is trained on: numbers least-significant digit first, hard = 4-6 one-digit operands,
