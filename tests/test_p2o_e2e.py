@@ -163,3 +163,19 @@ def test_self_ref_reflects_with_the_initial_policy_not_the_trained_one(policy_di
   np.testing.assert_array_equal(policy.generate(turns, greedy, reference=True).tokens, before)
   reflector = make_reflector(c, policy)
   assert isinstance(reflector, SelfReflector) and reflector.policy is policy  # it samples with reference=True
+
+
+def test_run_keeps_the_setup_heap_out_of_garbage_collection_and_releases_it_on_exit(policy_dir, tmp_path, monkeypatch):
+  import gc  # pylint: disable=import-outside-toplevel
+  trainer = make_trainer(p2o_config(tmp_path, policy_dir), policy_dir, QUERIES)
+  frozen_during_step = []
+
+  def failing_step(step, queries):
+    frozen_during_step.append(gc.get_freeze_count())
+    raise RuntimeError("stop here")
+
+  monkeypatch.setattr(trainer, "step", failing_step)
+  with pytest.raises(RuntimeError, match="stop here"):
+    trainer.run()
+  assert frozen_during_step and frozen_during_step[0] > 1000  # the policy, tokenizer and modules were frozen
+  assert gc.get_freeze_count() == 0  # released although the run failed

@@ -14,7 +14,9 @@ lockstep; only process 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -301,6 +303,11 @@ class Trainer:
     return metrics
 
   def run(self) -> dict[str, Any]:
+    """Train to total_steps (resuming from the latest checkpoint), evaluating, checkpointing and exporting."""
+    with frozen_heap():
+      return self._run()
+
+  def _run(self) -> dict[str, Any]:
     c = self.c
     start_step = self.restore_or_start()
     # Records are numbered by completed steps; the checkpoint at `start_step` already includes that step's record.
@@ -338,6 +345,20 @@ class Trainer:
     writer.close()
     self.checkpointer.close()
     return history
+
+
+@contextlib.contextmanager
+def frozen_heap():
+  """The objects alive on entry (modules, the model, the tokenizer, compiled programs: ~360k with the demo's policy)
+  are left out of the garbage collector's passes until exit. Without this, every full collection scans them all, a
+  pause of a good part of a demo step, and on a multi-host run a pause on one host holds up the others at the next
+  collective. Objects still die as their references go; only reference cycles among these wait for the exit."""
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
 
 
 def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
