@@ -21,13 +21,12 @@ Ours keeps its dual clip (3.0; TRL has none), which costs nothing measurable.
 
 Ours is the real public path: configs/demo_cpu.py with the overrides in `ours_config` (P^2O off, one mini-batch; the
 CPU split into the config's 2 JAX devices, both sizes on the first alone: `Workload.devices`), our Policy, verifier
-pool and Trainer built as
-p2o_jax/experiment.py builds them, timing `Trainer.step`, which samples, scores in the sandboxed worker pool and
-updates; with one update per step neither side runs a separate old-log-prob pass (ours: grpo.old_logprobs "auto";
-TRL's old log-probs are the detached current ones), and scores in-process with a plain Python reward function of the same
-logic (`exact_match_reward`, our builtin_exact grader). Both use the tokenizer our `load_tokenizer` reads
-(transformers' own class): AutoTokenizer would give the built-in checkpoint a Qwen2Tokenizer, whose pre-tokenizer
-drops the spaces of its character vocabulary.
+pool and Trainer built as p2o_jax/experiment.py builds them, timing `Trainer.step`, which samples, scores in the
+sandboxed worker pool and updates; with one update per step neither side runs a separate old-log-prob pass (ours:
+grpo.old_logprobs "auto"; TRL's old log-probs are the detached current ones), and scores in-process with a plain
+Python reward function of the same logic (`exact_match_reward`, our builtin_exact grader). Both use the tokenizer
+our `load_tokenizer` reads (transformers' own class): AutoTokenizer would give the built-in checkpoint a
+Qwen2Tokenizer, whose pre-tokenizer drops the spaces of its character vocabulary.
 
 Timing: the two sides alternate, step for step (benchmarks.common.interleaved_timings): TRL's `train()` runs in a
 thread that pauses at every optimizer-step boundary (`SteppedTrainer`), so a timed TRL step is one whole iteration
