@@ -328,7 +328,8 @@ def _decoder_outputs(model: decoder.Decoder, tokens, valid):
   return run(state, tokens, valid)
 
 
-@pytest.mark.parametrize("attention", [pytest.param("chunked", marks=pytest.mark.slow), "splash", "cudnn"])
+@pytest.mark.parametrize("attention", [pytest.param("chunked", marks=pytest.mark.slow),
+                                       pytest.param("splash", marks=pytest.mark.slow), "cudnn"])
 def test_decoder_logits_match_plain(monkeypatch, attention):
   monkeypatch.setattr(A, "CHUNK", SMALL_CHUNK)
   monkeypatch.setitem(A.ATTENTIONS, "splash", functools.partial(A.splash_attention, interpret=True))

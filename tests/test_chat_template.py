@@ -122,6 +122,7 @@ def _every_call_path(policy: Policy, spy: _PromptSpy) -> dict[str, list[str]]:
   return prompts
 
 
+@pytest.mark.slow
 def test_every_call_path_renders_qwen3_with_thinking_off_by_default(qwen3, monkeypatch):
   policy = tiny_policy(qwen3)
   prompts = _every_call_path(policy, _PromptSpy(policy, monkeypatch))

@@ -65,6 +65,7 @@ def test_the_registries_behind_the_options_are_the_implementations():
   assert set(CHOICES["p2o.ratio_mask"]) == {"hard", "soft", "off"}
 
 
+@pytest.mark.slow
 def test_importing_the_commands_registers_no_flags():
   """Flags are registered when a command runs: a notebook or a test may import any command module."""
   code = ("from absl import app, flags, logging; before = set(flags.FLAGS)\n"  # absl's own flags come first

@@ -152,6 +152,7 @@ def test_broken_variants_fail_with_one_line_naming_the_problem(runs, name, fragm
     assert fragment in error
 
 
+@pytest.mark.slow
 def test_command_line_reports_a_bad_mesh_in_one_line():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   proc = subprocess.run([sys.executable, "-m", "p2o_jax.dry_run", "--config", str(COLAB), "--model_config",

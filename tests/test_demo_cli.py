@@ -41,6 +41,7 @@ def test_shortened_demo_runs_every_phase_through_the_cli_and_ends_with_the_repor
   assert last[1].startswith("Plain-prompt accuracy, starting -> trained policy: builtin_hard ")
 
 
+@pytest.mark.slow
 def test_a_broken_run_directory_fails_in_seconds_before_any_base_build(tmp_path):
   """A config whose base is neither shipped nor cached would start a long SFT build; the unwritable workdir must be
   reported first, in one line."""

@@ -140,6 +140,7 @@ def test_hf_directory_matches_an_independent_computation(files):
   assert results["config"]["eval.small_set_size"] == SMALL_SET_SIZE
 
 
+@pytest.mark.slow
 def test_seqio_and_the_fallback_read_the_same_queries(files, monkeypatch, caplog):
   c = make_config(files, both_sets(files))
   paths = {"small": str(files["small"]), "large": str(files["large"])}
@@ -185,6 +186,7 @@ def test_orbax_locations_restore_that_steps_params(files, orbax_run, where, step
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_orbax_run_evaluates_the_checkpoint_params_not_the_hf_ones(files, orbax_run):
   run_dir, perturbed = orbax_run
   c = make_config(files, f"large={files['large']}")
@@ -292,6 +294,7 @@ def test_the_report_averages_over_sets_and_lands_in_metrics(tmp_path):
   assert list((tmp_path / TENSORBOARD_DIRNAME).iterdir())  # the event file
 
 
+@pytest.mark.slow
 def test_prepared_benchmarks_evaluate_into_the_paper_table(files, tmp_path):
   """prepare -> evaluate on two benchmark fixtures with their real columns; the table's average is over sets."""
   fixtures = pathlib.Path(__file__).parent / "fixtures" / "datasets"

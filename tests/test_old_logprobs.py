@@ -27,6 +27,7 @@ def sgd_delta(rows, with_old_logp: bool):
   return jax.tree.map(lambda a, b: np.asarray(a) - b, new_params, before), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_an_update_without_the_log_prob_pass_equals_one_with_it():
   rows = random_rows()
   skipped, skipped_metrics = sgd_delta(rows, with_old_logp=False)

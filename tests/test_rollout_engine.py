@@ -176,6 +176,7 @@ def test_a_prompt_runs_once_for_up_to_max_prompt_copies_rows():
   assert _distinct_prompts(prompts, 1) == ([tuple(p) for p in prompts], list(range(6)))
 
 
+@pytest.mark.slow
 def test_rows_sharing_a_prompt_draw_what_they_draw_when_each_runs_its_own(qwen2):
   """One prefill of 3 prompts x n=3 (a slot per row): each prompt runs once and its cache goes to 3 slots. The same
   tokens and log-probs as with every row's prompt run on its own (MAX_PROMPT_COPIES 1)."""
@@ -249,6 +250,7 @@ def test_rows_stop_at_their_own_limit_with_the_unconstrained_greedy_prefix(qwen2
   assert qwen2.sampler.last_stats["tokens"] == expected_lengths.sum()
 
 
+@pytest.mark.slow
 def test_a_greedy_row_in_a_sampled_call_equals_the_greedy_output(qwen2):
   temperatures = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
   greedy_rows = np.asarray(temperatures) == 0

@@ -132,6 +132,7 @@ def test_a_run_that_cannot_fit_names_the_function_and_the_bytes_short():
     (("--topology", "v9-8"), "error: --topology 'v9-8': expected <generation>-<size>"),
     (("--topology", "v5p-8", "--config.mesh.tensor=3", "--nolower"), "error: config.mesh: mesh"),
 ])
+@pytest.mark.slow
 def test_bad_topology_arguments_are_one_line(args, message):
   if "v5p-8" in args and not HAS_LIBTPU:
     pytest.skip("libtpu is not installed")

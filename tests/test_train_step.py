@@ -200,6 +200,7 @@ def test_lm_head_chunks_change_nothing():
     np.testing.assert_allclose(metrics[name], full_metrics[name], rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_kept_softmax_gives_the_update_of_recomputed_logits(monkeypatch):
   """The LM head's backward pass keeps each chunk's softmax when they fit (the tiny model's always do) or recomputes
   the logits (KEEP_SOFTMAX_BYTES 0): the same update and metrics."""
