@@ -264,6 +264,7 @@ def _tpu_grad(devices: np.ndarray, mesh_shape, impl: str, b=4, t=2048, h=8, kv=2
   return compiled, b * h * t * t * 4 // devices.size  # plain's f32 (t, s) scores per device
 
 
+@pytest.mark.slow
 def test_splash_compiles_for_a_v5e_chip_within_a_fraction_of_plains_memory():
   devices = _tpu_devices("v5e:1x1", "default", (1, 1, 1))
   compiled, full_scores = _tpu_grad(devices, (1, 1, 1), "splash")

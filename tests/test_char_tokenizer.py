@@ -77,6 +77,7 @@ def test_padding_uses_the_pad_id(tokenizer):
   assert left["input_ids"][0] == [0, 0, a, b] and left["attention_mask"][0] == [0, 0, 1, 1]
 
 
+@pytest.mark.slow
 def test_saved_tokenizer_reloads_offline_and_behaves_identically(tokenizer, tmp_path):
   tokenizer.save_pretrained(tmp_path)
   texts = _random_texts(30, seed=1) + ["caf\u00e9\t<user>x"]

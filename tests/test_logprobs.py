@@ -80,6 +80,7 @@ def test_matches_a_numpy_derivation():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
 def test_large_logits_stay_finite():
   """Logits in the hundreds: the per-chunk log-sum-exp subtracts the max, so nothing overflows."""
   hidden, w, targets, weights = make_inputs(9, seed=1, scale=40.0)
@@ -91,6 +92,7 @@ def test_large_logits_stay_finite():
     np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5, err_msg=name)  # f32 eps x logits of ~1e3
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs():
   """bf16 hidden and w: matmul in bf16, then float32 logits. Against float32 references on the same (bf16-exact)
   values the error is the bf16 rounding of the logits (relative 2^-8 each), so logp = z_t - lse and the entropy may

@@ -206,6 +206,7 @@ def test_first_argmax_is_numpys_argmax_including_ties():
   np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
+@pytest.mark.slow
 def test_twenty_prompt_lengths_compile_one_program_per_bucket(qwen2):
   bucketed = Sampler(qwen2[0], eos_ids=[SAMPLED_EOS], pad_id=PAD, max_prompt_len=MAX_PROMPT)
   assert bucketed.prompt_buckets == (16, 32)
@@ -283,6 +284,7 @@ def test_the_blend_cache_write_equals_the_scatter():
   np.testing.assert_array_equal(scattered, expected)
 
 
+@pytest.mark.slow
 def test_greedy_with_the_blend_cache_write_equals_the_scatter(greedy_run, qwen2):
   _, scattered, _, eos = greedy_run
   model = nnx.merge(*nnx.split(qwen2[0]))
