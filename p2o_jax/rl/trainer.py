@@ -351,7 +351,7 @@ class Trainer:
 def frozen_heap():
   """The objects alive on entry (modules, the model, the tokenizer, compiled programs: ~360k with the demo's policy)
   are left out of the garbage collector's passes until exit. Without this, every full collection scans them all, a
-  pause of a good part of a demo step, and on a multi-host run a pause on one host holds up the others at the next
+  pause longer than a whole demo step, and on a multi-host run a pause on one host holds up the others at the next
   collective. Objects still die as their references go; only reference cycles among these wait for the exit."""
   gc.collect()
   gc.freeze()
