@@ -88,7 +88,7 @@ class Workload:
 WORKLOADS = {
     # One device each. 50M: each of two would read all the weights every decode step. Demo: with the rollout engine,
     # the step's generation took 0.05 s on one device against 0.08 on the config's two, the update the same (this
-    # bench, --sizes demo --repeats 9, devices 1 and 2).
+    # bench, --sizes demo --repeats 9, one run each way).
     "demo": Workload(prompts=8, num_samples=6, new_tokens=96, target_ratio=2.5, devices=1),
     "50m": Workload(prompts=4, num_samples=4, new_tokens=128, target_ratio=2.0, devices=1),
 }
